@@ -1,0 +1,66 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   venv, emoji shards, local Ray head, staged training via `ray job submit`, report
+#   make test   venv, then the whole test suite (unit tests and the Ray integration run)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+RUN ?= emoji-demo
+DASHBOARD := 127.0.0.1:8265
+
+# the job finds data, runs and the MLflow store here, whatever Ray's copy of the code
+export CMACLIP_HOME := $(CURDIR)
+# keep Ray's token authentication on, for the head and for `ray job submit`
+export RAY_AUTH_MODE := token
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install demo data train-job evaluate ray-up ray-down test test-fast lint mlflow clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+data/emoji/dataset.json: | install
+	cmaclip data emoji --out data/emoji --cache-dir data/npm
+
+data: data/emoji/dataset.json
+
+ray-up: install
+	ray get-auth-token --generate > /dev/null
+	ray status > /dev/null 2>&1 || ray start --head --dashboard-host 127.0.0.1 --disable-usage-stats
+
+ray-down:
+	-ray stop
+
+train-job: ray-up data
+	ray job submit --address http://$(DASHBOARD) --working-dir . \
+	  --runtime-env-json '{"env_vars": {"CMACLIP_HOME": "$(CURDIR)"}, "excludes": ["/.venv", "/data", "/runs", "/mlflow.db", "/mlartifacts"]}' \
+	  -- python ray_jobs/train.py --config configs/emoji.yaml --run-name $(RUN)
+
+evaluate: install
+	cmaclip evaluate --model runs/$(RUN)/model --data data/emoji --split test \
+	  --out runs/$(RUN)/report.json
+
+demo:
+	$(MAKE) train-job; status=$$?; $(MAKE) ray-down; test $$status -eq 0
+	$(MAKE) evaluate
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m 'not slow'
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+mlflow: install
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1
+
+clean:
+	rm -rf runs mlflow.db mlartifacts

@@ -1,0 +1,79 @@
+"""The `cmaclip` command line: data builders, training, evaluation and prediction."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cmaclip.data.cli import data_app
+
+app = typer.Typer(
+    help="CMA-CLIP on Ray: multi-task image-text classification.", no_args_is_help=True
+)
+app.add_typer(
+    data_app, name="data", help="Build Parquet shards from the emoji packages or a table."
+)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("cmaclip").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option(help="YAML config, e.g. configs/emoji.yaml")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key: key.sub=value")
+    ] = None,
+    run_name: Annotated[str | None, typer.Option(help="Run name (folder runs/NAME)")] = None,
+) -> None:
+    """Run the staged training on Ray and evaluate the test split."""
+    from cmaclip.config import load_config
+    from cmaclip.evaluate import format_table
+    from cmaclip.training.run import train as run_training
+
+    setup_logging()
+    overrides = list(set_ or [])
+    if run_name:
+        overrides.append(f"run.name={run_name}")
+    loaded = load_config(config, overrides)
+    report = run_training(loaded)
+    typer.echo(format_table(report))
+    typer.echo(f"report: {loaded.run_dir() / 'report.json'}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="An exported model folder, e.g. runs/NAME/model")],
+    data: Annotated[Path, typer.Option(help="A shard folder with dataset.json")],
+    split: Annotated[str, typer.Option(help="train, val or test")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Where to write report.json")] = None,
+) -> None:
+    """Score a model on a shard folder and print the per-task table."""
+    from cmaclip.evaluate import evaluate as run_evaluation
+    from cmaclip.evaluate import format_table
+
+    setup_logging()
+    report = run_evaluation(model, data, split, out)
+    typer.echo(format_table(report))
+    if out:
+        typer.echo(f"report: {out}")
+
+
+@app.command()
+def show(report: Annotated[Path, typer.Argument(help="A report.json")]) -> None:
+    """Print a report's per-task table."""
+    from cmaclip.evaluate import format_table
+
+    typer.echo(format_table(json.loads(report.read_text())))
+
+
+if __name__ == "__main__":
+    app()

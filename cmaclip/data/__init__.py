@@ -1,0 +1,1 @@
+"""Shard builders and the Ray Data pipeline that feeds training and evaluation."""

@@ -1,0 +1,104 @@
+"""The two attention modules that make CLIP into CMA-CLIP.
+
+Sequence-wise attention lets every text token look at every image patch (and back) before the
+two global embeddings are read out. Modality-wise attention then decides, per task, how much of
+the answer comes from the image and how much from the title.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SequenceAttention(nn.Module):
+    """A transformer encoder over the joint sequence [image tokens; text tokens].
+
+    Returns the outputs at the image class-token position (I) and at the end-of-text position
+    (T). Text padding is masked out as keys, so padded titles and full titles agree.
+    """
+
+    def __init__(self, *, width: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"model.width ({width}) must be divisible by model.heads ({heads})")
+
+        layer = nn.TransformerEncoderLayer(
+            d_model=width,
+            nhead=heads,
+            dim_feedforward=4 * width,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_padding: torch.Tensor,
+        eot_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, image_len = image_tokens.shape[:2]
+
+        # [B, 1 + P, W] ; [B, L, W] -> [B, 1 + P + L, W]
+        sequence = torch.cat([image_tokens, text_tokens], dim=1)
+        image_padding = text_padding.new_zeros(batch, image_len)
+        padding = torch.cat([image_padding, text_padding], dim=1)  # [B, 1 + P + L]
+
+        out = self.norm(self.encoder(sequence, src_key_padding_mask=padding))
+
+        rows = torch.arange(batch, device=out.device)
+        image_embedding = out[:, 0]  # [B, W], the image class token
+        text_embedding = out[rows, image_len + eot_index]  # [B, W], the end-of-text token
+        return image_embedding, text_embedding
+
+
+class ModalityAttention(nn.Module):
+    """Keyless attention between I and T, one learned query vector per task.
+
+    For task k: s_I = w_k . I, s_T = w_k . T, (lambda_I, lambda_T) = softmax(s_I, s_T), and the
+    fused feature is lambda_I * I + lambda_T * T. With `enabled=False` both weights are 0.5,
+    the plain average that the paper's ablation compares against.
+    """
+
+    def __init__(self, *, width: int, num_tasks: int, enabled: bool = True):
+        super().__init__()
+        self.enabled = enabled
+        self.query = nn.Parameter(torch.randn(num_tasks, width) * width**-0.5)
+
+    def forward(
+        self, image_embedding: torch.Tensor, text_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return fused features [B, K, W] and the image weight lambda_I [B, K]."""
+        modalities = torch.stack([image_embedding, text_embedding], dim=1)  # [B, 2, W]
+
+        if self.enabled:
+            scores = torch.einsum("bmw,kw->bkm", modalities, self.query)  # [B, K, 2]
+            weights = scores.softmax(dim=-1)
+        else:
+            shape = (modalities.shape[0], self.query.shape[0], 2)
+            weights = modalities.new_full(shape, 0.5)
+
+        fused = torch.einsum("bkm,bmw->bkw", weights, modalities)  # [B, K, W]
+        return fused, weights[..., 0]
+
+
+class TaskHead(nn.Module):
+    """An MLP classifier on one task's fused feature."""
+
+    def __init__(self, *, width: int, hidden: int, depth: int, dropout: float, num_classes: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.LayerNorm(width)]
+        size = width
+        for _ in range(depth):
+            layers += [nn.Linear(size, hidden), nn.GELU(), nn.Dropout(dropout)]
+            size = hidden
+        layers.append(nn.Linear(size, num_classes))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.mlp(feature)

@@ -1,0 +1,273 @@
+"""The per-worker training loop of one stage, run by every Ray Train worker.
+
+Read top to bottom: set up threads, seed and model; freeze what the stage does not train; wrap
+for DDP; build the optimizer over the trained parameters only; then per epoch train on this
+worker's shard of the training data, validate on its shard of the validation data, combine the
+validation counts over all workers, and report metrics plus a checkpoint to Ray Train, which
+keeps the best one by `score`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from open_clip.loss import ClipLoss
+
+from cmaclip.config import Config
+from cmaclip.export import load_weights, save_model
+from cmaclip.metrics import macro_accuracy_from_confusion
+from cmaclip.model.cmaclip import CMACLIP
+from cmaclip.tracking import log_metrics
+from cmaclip.training.losses import multitask_loss
+
+logger = logging.getLogger(__name__)
+
+TENSOR_COLUMNS = ["images", "text", "labels", "valid", "unknown_labels"]
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("cmaclip").setLevel(level)
+
+
+def _unwrap(model: torch.nn.Module) -> CMACLIP:
+    return model.module if hasattr(model, "module") else model
+
+
+def _lr_lambda(warmup_steps: int, total_steps: int):
+    """Linear warm-up, then cosine decay to zero over the stage."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    if dist.is_available() and dist.is_initialized():
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+
+
+class _Progress:
+    """Progress lines for the job log: stage, epoch, step, loss, throughput and ETA."""
+
+    def __init__(self, stage: str, epochs: int, steps: int, enabled: bool):
+        self.stage, self.epochs, self.steps, self.enabled = stage, epochs, steps, enabled
+        self.every = max(1, steps // 5)
+        self.start = time.perf_counter()
+        self.samples = 0
+
+    def step(self, epoch: int, step: int, batch: int, loss: float) -> None:
+        self.samples += batch
+        if not self.enabled or (step + 1) % self.every and step + 1 != self.steps:
+            return
+        elapsed = time.perf_counter() - self.start
+        done = epoch * self.steps + step + 1
+        left = self.epochs * self.steps - done
+        eta = elapsed / done * left
+        logger.info(
+            "stage %s epoch %d/%d step %d/%d loss %.4f %.1f samples/s ETA %dm%02ds",
+            self.stage, epoch + 1, self.epochs, step + 1, self.steps, loss,
+            self.samples / elapsed, eta // 60, eta % 60,
+        )  # fmt: skip
+
+
+def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _validate(model, shard, *, stage, tasks, batch_size, device, clip_loss) -> dict[str, Any]:
+    """Validation counts on this worker's shard, summed over all workers."""
+    model.eval()
+    net = _unwrap(model)
+    task_names = list(tasks)
+    confusion = [torch.zeros(len(tasks[t]), len(tasks[t]), dtype=torch.int64) for t in task_names]
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, rows used, rows skipped
+    weight_sum = torch.zeros(len(task_names), dtype=torch.float64)
+
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=None):
+            batch = _move({k: batch[k] for k in TENSOR_COLUMNS}, device)
+            valid = batch["valid"]
+            sums[3] += float((~valid).sum())
+            if not valid.any():
+                continue
+            images, text, labels = (
+                batch["images"][valid],
+                batch["text"][valid],
+                batch["labels"][valid],
+            )
+
+            if stage == "contrastive":
+                loss = clip_loss(*net(images, text, contrastive=True))
+            else:
+                out = net(images, text)
+                loss, _ = multitask_loss(out.logits, labels)
+                weight_sum += out.image_weight.sum(dim=0).double().cpu()
+                for k, task in enumerate(task_names):
+                    labelled = labels[:, k] >= 0
+                    pred = out.logits[task][labelled].argmax(dim=1).cpu()
+                    truth = labels[:, k][labelled].cpu()
+                    size = len(tasks[task])
+                    confusion[k] += torch.bincount(truth * size + pred, minlength=size * size).view(
+                        size, size
+                    )
+            sums[0] += float(loss)
+            sums[1] += 1
+            sums[2] += int(valid.sum())
+
+    _all_reduce([sums, weight_sum, *confusion])
+    metrics: dict[str, Any] = {
+        "val_loss": float(sums[0] / max(1.0, float(sums[1]))),
+        "val_rows_used": int(sums[2]),
+        "val_rows_skipped": int(sums[3]),
+    }
+    if stage != "contrastive":
+        rows = max(1.0, float(sums[2]))
+        per_task = []
+        for k, task in enumerate(task_names):
+            matrix = confusion[k].numpy()
+            per_task.append(macro_accuracy_from_confusion(matrix))
+            metrics[f"val_macro_accuracy/{task}"] = per_task[-1]
+            metrics[f"val_accuracy/{task}"] = float(np.trace(matrix) / max(1, matrix.sum()))
+            metrics[f"val_image_weight/{task}"] = float(weight_sum[k] / rows)
+        metrics["val_macro_accuracy"] = float(np.mean(per_task))
+    return metrics
+
+
+def train_stage(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker function for one stage (`loop_config` is built by `run.py`)."""
+    config = Config.model_validate(loop_config["config"])
+    stage: str = loop_config["stage"]
+    tasks: dict[str, list[str]] = loop_config["tasks"]
+    stage_config = config.stages[stage]
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    _setup_logging(rank)
+
+    threads = config.scaling.torch_threads or max(1, math.ceil(config.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.run.seed + rank)
+
+    # model: build, start from the previous stage's best weights, freeze for this stage
+    model = CMACLIP(config.model, tasks)
+    if loop_config.get("init_weights"):
+        load_weights(model, loop_config["init_weights"])
+    params = model.set_stage(stage)
+    logger.info(
+        "stage %s: %d workers, %d threads each, training %.2fM of %.2fM parameters",
+        stage, world, threads,
+        sum(p.numel() for p in params) / 1e6, sum(p.numel() for p in model.parameters()) / 1e6,
+    )  # fmt: skip
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+
+    # optimizer and schedule over the trained parameters only
+    optimizer = torch.optim.AdamW(
+        params, lr=stage_config.lr, weight_decay=stage_config.weight_decay
+    )
+    batch_size = max(1, stage_config.batch_size // world)
+    steps = max(1, math.ceil(loop_config["train_rows"] / world / batch_size))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(stage_config.warmup_steps, steps * stage_config.epochs)
+    )
+    # Limitation: the contrastive loss takes its negatives from the worker's own batch; gathering
+    # features over workers would need equal batch sizes, which skipped rows do not guarantee.
+    clip_loss = ClipLoss()
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    progress = _Progress(stage, stage_config.epochs, steps, enabled=rank == 0)
+    loss_weights = config.data.loss_weights
+
+    for epoch in range(stage_config.epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        loss_sum, batches, used, skipped = 0.0, 0, 0, 0
+
+        for step, batch in enumerate(
+            train_shard.iter_torch_batches(batch_size=batch_size, dtypes=None, prefetch_batches=2)
+        ):
+            batch = _move({k: batch[k] for k in TENSOR_COLUMNS}, device)
+            valid = batch["valid"]
+            skipped += int((~valid).sum())
+            used += int(valid.sum())
+
+            # a batch with no usable row still runs forward and backward (with a zero loss):
+            # every DDP worker must take part in every gradient all-reduce
+            keep = valid if valid.any() else torch.ones_like(valid)
+            scale = 1.0 if valid.any() else 0.0
+            images, text, labels = batch["images"][keep], batch["text"][keep], batch["labels"][keep]
+
+            if stage == "contrastive":
+                loss = clip_loss(*model(images, text, contrastive=True)) * scale
+            else:
+                out = model(images, text)
+                loss, _ = multitask_loss(out.logits, labels, loss_weights)
+                loss = loss * scale
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+
+            loss_sum += float(loss.detach())
+            batches += 1
+            progress.step(epoch, min(step, steps - 1), int(valid.sum()), float(loss.detach()))
+
+        validation = _validate(
+            model, val_shard, stage=stage, tasks=tasks, batch_size=batch_size,
+            device=device, clip_loss=clip_loss,
+        )  # fmt: skip
+        if config.selection_metric == "val_loss" or stage == "contrastive":
+            score = -validation["val_loss"]
+        else:
+            score = validation["val_macro_accuracy"]
+
+        metrics = {
+            "stage": stage,
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(1, batches),
+            "train_rows_used": used,
+            "train_rows_skipped": skipped,
+            "epoch_seconds": time.perf_counter() - epoch_start,
+            "lr": schedule.get_last_lr()[0],
+            **validation,
+            "score": score,
+        }
+        if rank == 0:
+            logger.info(
+                "stage %s epoch %d: train_loss %.4f val_loss %.4f score %.4f (%.0fs)",
+                stage, epoch + 1, metrics["train_loss"], metrics["val_loss"], score,
+                metrics["epoch_seconds"],
+            )  # fmt: skip
+            if loop_config.get("mlflow_run_id"):
+                log_metrics(
+                    loop_config["tracking_uri"], loop_config["mlflow_run_id"], metrics, epoch + 1
+                )
+
+        # Limitation: the checkpoint holds the weights only, not the optimizer state, so a
+        # stage restarted after a failure starts its learning-rate schedule anew.
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                save_model(_unwrap(model), f"{folder}/model", {"stage": stage, "epoch": epoch + 1})
+                checkpoint = ray.train.Checkpoint.from_directory(f"{folder}/model")
+            ray.train.report(metrics, checkpoint=checkpoint)

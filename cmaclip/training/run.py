@@ -1,0 +1,246 @@
+"""The staged training run, from config to an evaluated, exported model.
+
+Read top to bottom: validate the config against the data set, open the run folder and the MLflow
+parent run, build the initial weights once, then run each enabled stage as its own Ray Train
+`TorchTrainer` fit, each starting from the previous stage's best checkpoint. Finally export the
+last stage's best weights as `model/` (with its precision thresholds from the validation split),
+evaluate the test split and write `report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cmaclip import tracking
+from cmaclip.config import Config, config_to_dict, flatten
+from cmaclip.data.pipeline import InputSpec, ray_dataset
+from cmaclip.data.shards import read_dataset_info
+from cmaclip.evaluate import evaluate_model, precision_thresholds
+from cmaclip.export import input_spec, load_model, save_model
+from cmaclip.model.cmaclip import CMACLIP, count_parameters
+
+logger = logging.getLogger(__name__)
+
+_TRAIN_COLUMNS = ["images", "text", "labels", "valid", "unknown_labels"]
+
+
+def select_tasks(config: Config, info: dict[str, Any]) -> dict[str, list[str]]:
+    """The tasks to train, with their classes from dataset.json; unknown names are an error."""
+    available = info["tasks"]
+    wanted = config.data.tasks or list(available)
+    unknown = [task for task in wanted if task not in available]
+    if unknown:
+        raise ValueError(
+            f"data.tasks: {unknown} not in {config.data_path() / 'dataset.json'} "
+            f"(it has {list(available)})"
+        )
+    weights = set(config.data.loss_weights) - set(wanted)
+    if weights:
+        raise ValueError(f"data.loss_weights: {sorted(weights)} are not trained tasks {wanted}")
+    return {task: list(available[task]) for task in wanted}
+
+
+def _ensure_ray(config: Config) -> None:
+    """Join or start Ray, and refuse a scaling that would leave Ray Data no CPU to read with."""
+    import ray
+
+    if not ray.is_initialized():
+        # joins the cluster of `ray job submit` or a running local head, else starts one
+        ray.init(log_to_driver=True)
+    resources = ray.cluster_resources()
+    logger.info("Ray cluster resources: %s", resources)
+
+    # Ray Data lists files in a task that asks for one whole CPU, next to the decoding actors
+    scaling, data = config.scaling, config.data
+    needed = scaling.num_workers * scaling.cpus_per_worker
+    needed += data.preprocess_concurrency * data.preprocess_cpus + 1.0
+    if resources.get("CPU", 0) < needed:
+        raise ValueError(
+            f"the cluster has {resources.get('CPU', 0):g} CPUs, but training needs {needed:g}: "
+            f"scaling.num_workers x scaling.cpus_per_worker, plus data.preprocess_concurrency x "
+            f"data.preprocess_cpus, plus 1 for Ray Data's file listing. Lower "
+            f"scaling.cpus_per_worker (e.g. --set scaling.cpus_per_worker=0.5) or add CPUs."
+        )
+
+
+def _datasets(config: Config, spec: InputSpec) -> dict[str, Any]:
+    data_dir = config.data_path()
+    return {
+        split: ray_dataset(
+            data_dir,
+            split,
+            spec,
+            concurrency=config.data.preprocess_concurrency,
+            preprocess_cpus=config.data.preprocess_cpus,
+            read_cpus=config.data.read_cpus,
+        ).select_columns(_TRAIN_COLUMNS)
+        for split in ("train", "val")
+    }
+
+
+def _fit_stage(
+    config: Config,
+    stage: str,
+    *,
+    tasks: dict[str, list[str]],
+    datasets: dict[str, Any],
+    init_weights: Path,
+    train_rows: int,
+    mlflow: dict[str, str],
+) -> tuple[Path, dict[str, Any]]:
+    """Run one stage through Ray Train; return its best checkpoint folder and metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cmaclip.training.loop import train_stage
+
+    scaling = config.scaling
+    storage = config.storage_path()
+    shutil.rmtree(storage / stage, ignore_errors=True)
+
+    trainer = TorchTrainer(
+        train_stage,
+        train_loop_config={
+            "config": config_to_dict(config),
+            "stage": stage,
+            "tasks": tasks,
+            "init_weights": str(init_weights),
+            "train_rows": train_rows,
+            "tracking_uri": mlflow["uri"],
+            "mlflow_run_id": mlflow["run_id"],
+        },
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=stage,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="score", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"stage {stage} failed") from result.error
+
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda item: item[1]["score"])
+    target = config.run_dir() / "checkpoints" / stage
+    shutil.rmtree(target, ignore_errors=True)
+    with checkpoint.as_directory() as folder:
+        shutil.copytree(folder, target)
+    return target, metrics
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Run every enabled stage, export the model and evaluate it. Returns the report."""
+    started = time.perf_counter()
+    data_dir = config.data_path()
+    info = read_dataset_info(data_dir)
+    tasks = select_tasks(config, info)
+    train_rows = int(info["rows"]["train"])
+
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    logger.info("run %s: data %s, tasks %s, stages %s", run_dir, data_dir, list(tasks),
+                config.enabled_stages())  # fmt: skip
+
+    # the initial weights: pretrained encoders (or a fresh init), shared by every worker
+    model = CMACLIP(config.model, tasks)
+    weights = save_model(model, run_dir / "checkpoints" / "init", {"stage": "init"})
+    spec = input_spec(model)
+    logger.info("model: %.2fM parameters", count_parameters(model) / 1e6)
+    del model
+
+    uri = tracking.tracking_uri(config.tracking.tracking_uri)
+    parent = tracking.start_run(uri, config.tracking.experiment, config.run.name)
+    tracking.log_params(uri, parent, flatten(config_to_dict(config)))
+    tracking.log_artifacts(uri, parent, run_dir / "config.yaml")
+    logger.info("MLflow: %s, run %s", uri, parent)
+
+    _ensure_ray(config)
+    datasets = _datasets(config, spec)
+    stages: dict[str, Any] = {}
+    status = "FAILED"
+    try:
+        for stage in config.enabled_stages():
+            child = tracking.start_run(
+                uri, config.tracking.experiment, f"{config.run.name}/{stage}", parent_id=parent,
+                tags={"cmaclip.stage": stage},
+            )  # fmt: skip
+            tracking.log_params(uri, child, flatten(config.stages[stage].model_dump()))
+            stage_start = time.perf_counter()
+            try:
+                weights, metrics = _fit_stage(
+                    config, stage, tasks=tasks, datasets=datasets, init_weights=weights,
+                    train_rows=train_rows, mlflow={"uri": uri, "run_id": child},
+                )  # fmt: skip
+            except BaseException:
+                tracking.end_run(uri, child, "FAILED")
+                raise
+            tracking.end_run(uri, child)
+            stages[stage] = {
+                "best_epoch": metrics["epoch"],
+                "score": metrics["score"],
+                "val_loss": metrics["val_loss"],
+                "seconds": round(time.perf_counter() - stage_start, 1),
+                "checkpoint": str(weights),
+            }
+            logger.info("stage %s done: best epoch %d, score %.4f", stage, metrics["epoch"],
+                        metrics["score"])  # fmt: skip
+
+        report = _export_and_evaluate(config, weights, data_dir, stages, uri, parent)
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+        tracking.log_artifacts(uri, parent, run_dir / "report.json")
+        status = "FINISHED"
+        return report
+    finally:
+        tracking.end_run(uri, parent, status)
+
+
+def _export_and_evaluate(
+    config: Config, weights: Path, data_dir: Path, stages: dict, uri: str, parent: str
+) -> dict[str, Any]:
+    """Export `model/` with precision thresholds from the validation split; score the test split."""
+    run_dir = config.run_dir()
+    model, _ = load_model(weights)
+
+    validation = evaluate_model(model, data_dir, split="val")
+    thresholds = precision_thresholds(validation, precision=0.9)
+    save_model(
+        model,
+        run_dir / "model",
+        {"run": config.run.name, "stages": stages, "thresholds": {"precision_0.9": thresholds}},
+    )
+
+    report = evaluate_model(model, data_dir, split="test").report
+    report["run"] = config.run.name
+    report["stages"] = stages
+    tracking.log_metrics(uri, parent, flatten_report(report), step=0)
+    tracking.log_artifacts(uri, parent, run_dir / "model", "model")
+    return report
+
+
+def flatten_report(report: dict[str, Any]) -> dict[str, float]:
+    """`test/<task>/<metric>` for every numeric per-task metric in a report."""
+    split = report["split"]
+    return {
+        f"{split}/{task}/{name}": value
+        for task, metrics in report["tasks"].items()
+        for name, value in metrics.items()
+        if isinstance(value, int | float)
+    }

@@ -1,0 +1,44 @@
+"""Config loading: the shipped YAML files validate, overrides apply, errors name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cmaclip.config import STAGES, load_config, resolve_path
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["emoji.yaml", "vit-b-32.yaml"])
+def test_shipped_configs_validate(name):
+    config = load_config(CONFIGS / name)
+    assert config.enabled_stages()[0] in STAGES
+
+
+def test_overrides_are_parsed_as_yaml():
+    config = load_config(
+        CONFIGS / "emoji.yaml",
+        ["stages.warmup.lr=3e-4", "stages.contrastive.enabled=false", "run.name=other"],
+    )
+    assert config.stages["warmup"].lr == 3e-4
+    assert config.enabled_stages() == ["warmup", "end_to_end", "tuning"]
+    assert config.run.name == "other"
+
+
+def test_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"stages\.warmup\.lr"):
+        load_config(CONFIGS / "emoji.yaml", ["stages.warmup.lr=-1"])
+    with pytest.raises(ValueError, match="unknown stage"):
+        load_config(None, ["stages.pretrain.epochs=1"])
+    with pytest.raises(ValueError, match="model.colour"):
+        load_config(None, ["model.colour=1"])
+    with pytest.raises(ValueError, match="key.sub=value"):
+        load_config(None, ["nonsense"])
+
+
+def test_relative_paths_follow_the_project_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("CMACLIP_HOME", str(tmp_path))
+    assert resolve_path("runs") == tmp_path / "runs"
+    assert resolve_path("/abs/path") == Path("/abs/path")
