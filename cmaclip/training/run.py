@@ -71,6 +71,10 @@ def _ensure_ray(config: Config) -> None:
 
 
 def _datasets(config: Config, spec: InputSpec) -> dict[str, Any]:
+    import ray.data
+
+    # the stage loop logs its own progress lines; Ray Data's bars would interleave with them
+    ray.data.DataContext.get_current().enable_progress_bars = False
     data_dir = config.data_path()
     return {
         split: ray_dataset(
