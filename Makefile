@@ -32,19 +32,20 @@ data: data/emoji/dataset.json
 
 ray-up: install
 	ray get-auth-token --generate > /dev/null
-	ray status > /dev/null 2>&1 || ray start --head --dashboard-host 127.0.0.1 --disable-usage-stats
+	ray status > /dev/null 2>&1 || ray start --head --dashboard-host 127.0.0.1 --disable-usage-stats > /dev/null
 
 ray-down:
-	-ray stop
+	-ray stop > /dev/null
 
 train-job: ray-up data
 	ray job submit --address http://$(DASHBOARD) --working-dir . \
 	  --runtime-env-json '{"env_vars": {"CMACLIP_HOME": "$(CURDIR)"}, "excludes": ["/.venv", "/data", "/runs", "/mlflow.db", "/mlartifacts"]}' \
 	  -- python ray_jobs/train.py --config configs/emoji.yaml --run-name $(RUN)
 
+# reloads the exported model without Ray and scores the test split again
 evaluate: install
 	cmaclip evaluate --model runs/$(RUN)/model --data data/emoji --split test \
-	  --out runs/$(RUN)/report.json
+	  --out runs/$(RUN)/evaluation.json
 
 demo:
 	$(MAKE) train-job; status=$$?; $(MAKE) ray-down; test $$status -eq 0

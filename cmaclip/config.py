@@ -78,6 +78,9 @@ class DataConfig(_Strict):
         default=0.5, gt=0, description="CPUs reserved per decoding actor; fractional on a laptop."
     )
     read_cpus: float = Field(default=0.25, gt=0, description="CPUs reserved per Parquet read task.")
+    shuffle_buffer: int = Field(
+        default=2048, ge=0, description="Rows in each worker's local shuffle buffer; 0 is off."
+    )
 
 
 class ScalingConfig(_Strict):

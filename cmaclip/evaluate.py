@@ -51,7 +51,7 @@ def evaluate_model(
     skips: list[dict[str, str]] = []
 
     model.eval()
-    bar = tqdm(total=expected, desc=f"evaluate {split}", unit="row", mininterval=5, leave=False)
+    bar = tqdm(total=expected, desc=f"evaluate {split}", unit="row", mininterval=5, disable=None)
     with torch.no_grad():
         for batch in local_batches(data_dir, split, spec, batch_size=batch_size):
             valid = batch["valid"]
@@ -127,15 +127,22 @@ def evaluate(
 
 def format_table(report: dict[str, Any]) -> str:
     """The per-task table printed at the end of a run or an evaluation."""
-    columns = ["accuracy", "macro_f1", "recall_at_precision_0.9", "image_weight_mean", "support"]
-    header = f"{'task':<14}" + "".join(f"{name:>26}" for name in columns)
-    lines = [header, "-" * len(header)]
+    columns = {
+        "accuracy": "accuracy",
+        "macro_f1": "macro_f1",
+        "recall_at_precision_0.9": "R@P0.9",
+        "image_weight_mean": "image_weight",
+        "support": "support",
+    }
+    width = max(12, *(len(task) + 2 for task in report["tasks"]))
+    lines = [f"{'task':<{width}}" + "".join(f"{title:>14}" for title in columns.values())]
+    lines.append("-" * len(lines[0]))
     for task, metrics in report["tasks"].items():
         cells = []
         for name in columns:
-            value = metrics.get(name)
-            cells.append(f"{value:>26}" if isinstance(value, int) else f"{value or 0:>26.4f}")
-        lines.append(f"{task:<14}" + "".join(cells))
+            value = metrics.get(name, 0)
+            cells.append(f"{value:>14d}" if isinstance(value, int) else f"{value:>14.4f}")
+        lines.append(f"{task:<{width}}" + "".join(cells))
     lines.append(
         f"split {report['split']}: rows read {report['rows_read']}, used {report['rows_used']}, "
         f"skipped {report['rows_skipped']}"

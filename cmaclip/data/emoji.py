@@ -130,6 +130,9 @@ def build_emoji(
         planned = [row for package in packages for row in _plan_rows(package)]
         if max_rows is not None:
             planned = _choose_subset(planned, max_rows)
+        # write in a stable pseudo-random order: the packages list variations and related emoji
+        # side by side, and shards in that order would give training near-duplicate batches
+        planned.sort(key=lambda row: hashlib.sha256(row.row_id.encode("utf-8")).hexdigest())
         logger.info(
             "emoji: %d rows planned from %s", len(planned), ", ".join(p.vendor for p in packages)
         )

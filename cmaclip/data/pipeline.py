@@ -115,8 +115,13 @@ def ray_dataset(
     concurrency: int = 1,
     preprocess_cpus: float = 0.5,
     read_cpus: float = 0.25,
+    shuffle_files: bool = False,
 ):
     """A streaming Ray Dataset of preprocessed rows of one split.
+
+    With `shuffle_files` the shard files are read in a new order each time; the training loop
+    adds a local shuffle buffer per worker, which is how rows get mixed without ever holding
+    the whole split in one place.
 
     CPU reservations are fractional by default: on a two-core machine one training worker holds
     a whole CPU, and Ray Data must still fit its read tasks and decoding actors beside it.
@@ -124,7 +129,12 @@ def ray_dataset(
     import ray.data
 
     files = shard_files(data_dir, split)
-    dataset = ray.data.read_parquet(files, columns=read_columns(spec.tasks), num_cpus=read_cpus)
+    dataset = ray.data.read_parquet(
+        files,
+        columns=read_columns(spec.tasks),
+        num_cpus=read_cpus,
+        shuffle="files" if shuffle_files else None,
+    )
     return dataset.map_batches(
         Preprocessor,
         fn_constructor_kwargs={"spec": spec.to_dict()},

@@ -53,13 +53,21 @@ def create_clip(
     if pretrained and _looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise FileNotFoundError(f"model.clip.pretrained: no checkpoint file at {pretrained}")
 
-    clip = open_clip.create_model(
-        name,
-        pretrained=pretrained or None,
-        force_image_size=image_size,
-        force_context_length=context_length,
-        output_dict=True,
-    )
+    # open_clip logs each creation step on the root logger, and warns when no weights are
+    # loaded; here that is the normal case (weights follow from a checkpoint or training)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING if not pretrained else logging.INFO)
+    try:
+        clip = open_clip.create_model(
+            name,
+            pretrained=pretrained or None,
+            force_image_size=image_size,
+            force_context_length=context_length,
+            output_dict=True,
+        )
+    finally:
+        logging.disable(previous)
+    logger.debug("open_clip %s created (pretrained: %s)", name, pretrained or "none")
     if not isinstance(clip, open_clip.CLIP):
         # Limitation: only the standard CLIP class exposes its text tower's layers the way
         # `text_tokens` reads them; CoCa and custom-text (Hugging Face) towers are refused.

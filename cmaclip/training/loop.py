@@ -184,7 +184,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         params, lr=stage_config.lr, weight_decay=stage_config.weight_decay
     )
     batch_size = max(1, stage_config.batch_size // world)
-    steps = max(1, math.ceil(loop_config["train_rows"] / world / batch_size))
+    steps = max(1, loop_config["train_rows"] // world // batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(stage_config.warmup_steps, steps * stage_config.epochs)
     )
@@ -202,9 +202,15 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         epoch_start = time.perf_counter()
         loss_sum, batches, used, skipped = 0.0, 0, 0, 0
 
-        for step, batch in enumerate(
-            train_shard.iter_torch_batches(batch_size=batch_size, dtypes=None, prefetch_batches=2)
-        ):
+        batches_of_epoch = train_shard.iter_torch_batches(
+            batch_size=batch_size,
+            dtypes=None,
+            prefetch_batches=2,
+            drop_last=True,  # every worker gets the same rows, so the same number of steps
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=config.run.seed + 1000 * epoch + rank,
+        )
+        for step, batch in enumerate(batches_of_epoch):
             batch = _move({k: batch[k] for k in TENSOR_COLUMNS}, device)
             valid = batch["valid"]
             skipped += int((~valid).sum())

@@ -84,6 +84,7 @@ def _datasets(config: Config, spec: InputSpec) -> dict[str, Any]:
             concurrency=config.data.preprocess_concurrency,
             preprocess_cpus=config.data.preprocess_cpus,
             read_cpus=config.data.read_cpus,
+            shuffle_files=split == "train",
         ).select_columns(_TRAIN_COLUMNS)
         for split in ("train", "val")
     }
