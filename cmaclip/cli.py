@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -75,5 +76,14 @@ def show(report: Annotated[Path, typer.Argument(help="A report.json")]) -> None:
     typer.echo(format_table(json.loads(report.read_text())))
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; a user mistake (missing file, invalid value) is one line, not a traceback."""
+    try:
+        app(argv, standalone_mode=True)
+    except (FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()

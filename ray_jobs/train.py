@@ -18,7 +18,7 @@ from pathlib import Path
 # the uploaded working dir is the job's cwd; make the package importable without an install
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cmaclip.cli import app  # noqa: E402
+from cmaclip.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    app(["train", *sys.argv[1:]])
+    main(["train", *sys.argv[1:]])

@@ -42,3 +42,15 @@ def test_relative_paths_follow_the_project_home(monkeypatch, tmp_path):
     monkeypatch.setenv("CMACLIP_HOME", str(tmp_path))
     assert resolve_path("runs") == tmp_path / "runs"
     assert resolve_path("/abs/path") == Path("/abs/path")
+
+
+def test_cli_reports_a_bad_config_in_one_line(capsys, tmp_path):
+    from cmaclip.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: config file not found: {tmp_path / 'missing.yaml'}"
+    )
