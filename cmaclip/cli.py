@@ -73,15 +73,23 @@ def show(report: Annotated[Path, typer.Argument(help="A report.json")]) -> None:
     """Print a report's per-task table."""
     from cmaclip.evaluate import format_table
 
-    typer.echo(format_table(json.loads(report.read_text())))
+    try:
+        content = json.loads(report.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{report}: not valid JSON ({error})") from None
+    if not isinstance(content, dict) or not {"tasks", "split", "rows_read"} <= content.keys():
+        raise ValueError(f"{report}: not a report written by cmaclip train or evaluate")
+    typer.echo(format_table(content))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a user mistake (missing file, invalid value) is one line, not a traceback."""
     try:
         app(argv, standalone_mode=True)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
         typer.echo(f"error: {error}", err=True)
+        if error.__cause__ is not None:
+            typer.echo(f"  caused by {type(error.__cause__).__name__}: {error.__cause__}", err=True)
         sys.exit(2)
 
 

@@ -125,7 +125,7 @@ class Config(_Strict):
         if unknown:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
         for name in STAGES:
-            self.stages.setdefault(name, StageConfig(enabled=False))
+            self.stages.setdefault(name, StageConfig())
         if not any(self.stages[name].enabled for name in STAGES[1:]):
             raise ValueError("enable at least one of the stages warmup, end_to_end, tuning")
         return self
@@ -170,7 +170,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({error})") from None
     return raw
 
 
@@ -185,7 +188,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the top level must be a mapping")
 

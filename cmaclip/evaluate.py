@@ -98,6 +98,10 @@ def evaluate_model(
     }
     if skipped:
         logger.warning("%s: %d of %d rows skipped (see report 'skipped')", split, skipped, read)
+    if unknown:
+        logger.warning(
+            "%s: %d labels are not among the model's classes; they count as missing", split, unknown
+        )
     return Evaluation(report, labels_all, probs_all, weights_all)
 
 
@@ -115,6 +119,8 @@ def evaluate(
     model_dir: str | Path, data_dir: str | Path, split: str, out: str | Path | None
 ) -> dict:
     """Load `model_dir`, score `split` of `data_dir`, and write the report to `out`."""
+    if out and Path(out).is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of the report file to write")
     model, meta = load_model(model_dir)
     report = evaluate_model(model, data_dir, split=split).report
     report["model"] = str(model_dir)

@@ -71,13 +71,25 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / META
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; expected a model folder with {META}")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    missing = [key for key in ("model", "tasks", "input") if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; is this an exported CMA-CLIP model?")
+    return meta
 
 
 def load_weights(model: CMACLIP, folder: str | Path) -> None:
     """Load a checkpoint's weights into a model built for the same tasks and widths."""
     path = Path(folder) / WEIGHTS
-    state = load_file(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error type for a corrupt header
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shapes differ: other classes, widths or architecture

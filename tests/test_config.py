@@ -54,3 +54,19 @@ def test_cli_reports_a_bad_config_in_one_line(capsys, tmp_path):
         capsys.readouterr().err.strip()
         == f"error: config file not found: {tmp_path / 'missing.yaml'}"
     )
+
+
+def test_yaml_errors_name_the_file_or_override(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run: [unclosed\n  name: x\n")
+    with pytest.raises(ValueError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ValueError, match="stages.warmup.lr=\\["):
+        load_config(None, ["stages.warmup.lr=["])
+
+
+def test_stages_left_out_keep_their_defaults(tmp_path):
+    path = tmp_path / "partial.yaml"
+    path.write_text("stages:\n  contrastive: {enabled: false}\n")
+    config = load_config(path, ["stages.warmup.lr=1e-3"])
+    assert config.enabled_stages() == ["warmup", "end_to_end", "tuning"]

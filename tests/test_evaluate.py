@@ -98,3 +98,31 @@ def test_evaluate_cli_writes_report(tmp_path, tiny_model_config, emoji_shards):
     assert set(report["tasks"]) == {"category", "subcategory", "skin_tone"}
     assert "recall_at_precision_0.9" in report["tasks"]["skin_tone"]
     assert "skin_tone" in result.output
+
+
+def test_shard_with_a_column_of_the_wrong_type_is_refused(
+    tmp_path, tiny_model_config, emoji_shards
+):
+    data = tmp_path / "data"
+    shutil.copytree(emoji_shards, data)
+    path = shard_files(data, "test")[0]
+    table = pq.read_table(path)
+    index = table.schema.get_field_index("skin_tone")
+    table = table.set_column(index, "skin_tone", pa.array(range(table.num_rows)))
+    pq.write_table(table, path)
+
+    with pytest.raises(ValueError, match=r"test-00000.parquet: column 'skin_tone' is int64"):
+        evaluate_model(_model(tiny_model_config, emoji_shards), data, split="test")
+
+
+def test_broken_model_folder_names_the_file(tmp_path, tiny_model_config, emoji_shards):
+    save_model(_model(tiny_model_config, emoji_shards), tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_text("garbage")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_model(tmp_path / "model")
+
+    (tmp_path / "model" / "model.json").write_text("{}")
+    with pytest.raises(
+        ValueError, match=r"model.json: missing key\(s\) \['model', 'tasks', 'input'\]"
+    ):
+        load_model(tmp_path / "model")

@@ -202,3 +202,30 @@ def test_local_checkpoint_loads(tmp_path, tiny_model_config):
     loaded = CMACLIP(config, TASKS).encoders.clip
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_extreme_aspect_ratio_is_skipped_not_resized():
+    """A 1x5000 strip would become a 64x320000 image before the crop: skip it and say why."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cmaclip.data.pipeline import InputSpec, Preprocessor
+
+    def png(size):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, "red").save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    preprocess = Preprocessor(InputSpec("cmaclip-tiny", 64, 32, {"color": ["red"]}))
+    batch = {
+        "id": np.array(["strip", "square"], dtype=object),
+        "image": np.array([png((1, 5000)), png((80, 80))], dtype=object),
+        "title": np.array(["a", None], dtype=object),
+        "color": np.array(["red", "blue"], dtype=object),
+    }
+    out = preprocess(batch)
+    assert out["valid"].tolist() == [False, True]
+    assert "aspect ratio" in out["error"][0]
+    assert out["labels"][:, 0].tolist() == [0, -1] and out["unknown_labels"].tolist() == [0, 1]

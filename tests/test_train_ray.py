@@ -120,9 +120,14 @@ def test_mlflow_has_every_stage_and_epoch(finished_run, emoji_shards):
     # the loss falls over the warm-up epochs: the heads learn
     assert history[1].value < history[0].value
 
-    # each of the two workers trained on its own half: rank 0 saw its half, less the last
-    # partial batch (dropped so that both workers take the same number of steps)
-    used = client.get_metric_history(children["end_to_end"].info.run_id, "train_rows_used")
-    half = read_dataset_info(emoji_shards)["rows"]["train"] / 2
+    # two workers, each on its own half; only the last partial batch of each is held back
+    metrics = {
+        name: client.get_metric_history(children["end_to_end"].info.run_id, name)[0].value
+        for name in ("workers", "train_rows_used", "train_rows_skipped", "train_rows_held_back")
+    }
+    train_rows = read_dataset_info(emoji_shards)["rows"]["train"]
     per_worker_batch = config.stages["end_to_end"].batch_size // 2
-    assert half - per_worker_batch < used[0].value <= half
+    assert metrics["workers"] == 2
+    assert metrics["train_rows_skipped"] == 0
+    assert metrics["train_rows_used"] + metrics["train_rows_held_back"] == train_rows
+    assert 0 <= metrics["train_rows_held_back"] < 2 * per_worker_batch + 2

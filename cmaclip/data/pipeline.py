@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import open_clip
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cmaclip.data.images import ImageDecodeError, decode_image
@@ -24,6 +25,7 @@ from cmaclip.model.encoders import register_model_configs
 logger = logging.getLogger(__name__)
 
 MISSING = -1  # label id for a missing (null) or unknown label: the row adds no loss for that task
+MAX_ASPECT = 20.0  # wider or taller images would be resized to a huge long side before cropping
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,12 @@ class Preprocessor:
 
         for i, data in enumerate(batch["image"]):
             try:
-                images[i] = self.transform(decode_image(data)).numpy()
+                image = decode_image(data)
+                if max(image.size) > MAX_ASPECT * min(image.size):
+                    raise ImageDecodeError(
+                        f"aspect ratio of {image.size[0]}x{image.size[1]} exceeds {MAX_ASPECT:g}:1"
+                    )
+                images[i] = self.transform(image).numpy()
             except ImageDecodeError as error:
                 valid[i] = False
                 errors[i] = f"image: {error}"
@@ -107,6 +114,37 @@ def read_columns(tasks: dict[str, list[str]]) -> list[str]:
     return ["id", "image", "title", *tasks]
 
 
+def _column_kind_ok(kind: pa.DataType, expected: str) -> bool:
+    if pa.types.is_null(kind):  # a column with no value at all, e.g. a task nobody labelled
+        return expected != "binary"
+    if expected == "binary":
+        return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def check_shards(files: list[str], tasks: dict[str, list[str]]) -> None:
+    """Refuse shards that lack a column or hold one of the wrong type, naming file and column.
+
+    Only the Parquet footers are read, so this is cheap enough to run before every job.
+    """
+    expected = {
+        "id": "string",
+        "image": "binary",
+        "title": "string",
+        **dict.fromkeys(tasks, "string"),
+    }
+    for path in files:
+        schema = pq.read_schema(path)
+        missing = [name for name in expected if name not in schema.names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}")
+        for name, kind in expected.items():
+            if not _column_kind_ok(schema.field(name).type, kind):
+                raise ValueError(
+                    f"{path}: column {name!r} is {schema.field(name).type}, expected {kind}"
+                )
+
+
 def ray_dataset(
     data_dir: str | Path,
     split: str,
@@ -129,6 +167,7 @@ def ray_dataset(
     import ray.data
 
     files = shard_files(data_dir, split)
+    check_shards(files, spec.tasks)
     dataset = ray.data.read_parquet(
         files,
         columns=read_columns(spec.tasks),
@@ -150,11 +189,10 @@ def local_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Preprocessed batches read in this process, one Parquet row group at a time."""
     preprocess = Preprocessor(spec)
-    for path in shard_files(data_dir, split):
+    files = shard_files(data_dir, split)
+    check_shards(files, spec.tasks)
+    for path in files:
         parquet = pq.ParquetFile(path)
-        missing = [c for c in read_columns(spec.tasks) if c not in parquet.schema_arrow.names]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}")
         for record_batch in parquet.iter_batches(batch_size, columns=read_columns(spec.tasks)):
             columns = {
                 name: record_batch.column(name).to_pylist() for name in record_batch.schema.names

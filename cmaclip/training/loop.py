@@ -238,6 +238,12 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             batches += 1
             progress.step(epoch, min(step, steps - 1), int(valid.sum()), float(loss.detach()))
 
+        # rows over all workers; the equal split's remainder and each worker's last partial
+        # batch are held back this epoch (which rows, the shuffle decides anew every epoch)
+        counts = torch.tensor([used, skipped], dtype=torch.float64)
+        _all_reduce([counts])
+        used, skipped = int(counts[0]), int(counts[1])
+
         validation = _validate(
             model, val_shard, stage=stage, tasks=tasks, batch_size=batch_size,
             device=device, clip_loss=clip_loss,
@@ -251,8 +257,10 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             "stage": stage,
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(1, batches),
+            "workers": world,
             "train_rows_used": used,
             "train_rows_skipped": skipped,
+            "train_rows_held_back": loop_config["train_rows"] - used - skipped,
             "epoch_seconds": time.perf_counter() - epoch_start,
             "lr": schedule.get_last_lr()[0],
             **validation,

@@ -20,8 +20,8 @@ import yaml
 
 from cmaclip import tracking
 from cmaclip.config import Config, config_to_dict, flatten
-from cmaclip.data.pipeline import InputSpec, ray_dataset
-from cmaclip.data.shards import read_dataset_info
+from cmaclip.data.pipeline import InputSpec, check_shards, ray_dataset
+from cmaclip.data.shards import read_dataset_info, shard_files
 from cmaclip.evaluate import evaluate_model, precision_thresholds
 from cmaclip.export import input_spec, load_model, save_model
 from cmaclip.model.cmaclip import CMACLIP, count_parameters
@@ -156,6 +156,8 @@ def train(config: Config) -> dict[str, Any]:
     info = read_dataset_info(data_dir)
     tasks = select_tasks(config, info)
     train_rows = int(info["rows"]["train"])
+    for split in ("train", "val", "test"):  # before any training, not after it
+        check_shards(shard_files(data_dir, split), tasks)
 
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
