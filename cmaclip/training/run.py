@@ -172,13 +172,13 @@ def train(config: Config) -> dict[str, Any]:
     logger.info("model: %.2fM parameters", count_parameters(model) / 1e6)
     del model
 
+    _ensure_ray(config)
     uri = tracking.tracking_uri(config.tracking.tracking_uri)
     parent = tracking.start_run(uri, config.tracking.experiment, config.run.name)
     tracking.log_params(uri, parent, flatten(config_to_dict(config)))
     tracking.log_artifacts(uri, parent, run_dir / "config.yaml")
     logger.info("MLflow: %s, run %s", uri, parent)
 
-    _ensure_ray(config)
     datasets = _datasets(config, spec)
     stages: dict[str, Any] = {}
     status = "FAILED"
