@@ -648,3 +648,21 @@ def test_cli_runs_as_a_module() -> None:
 
     assert result.returncode == 0, result.stderr
     assert "from-table" in result.stdout and "emoji" in result.stdout
+
+
+def test_failed_rebuild_leaves_the_previous_build(tmp_path: Path) -> None:
+    """Shards are staged and swapped in at close: an error mid-build loses no earlier data."""
+    out = tmp_path / "shards"
+    with ShardWriter(out, ["color"]) as writer:
+        writer.add({"id": "a", "image": b"x", "title": "t", "color": "red"})
+    before = sorted(path.name for path in out.iterdir() if path.suffix == ".parquet")
+
+    with pytest.raises(ValueError, match="split must be one of"):
+        with ShardWriter(out, ["color"]) as writer:
+            writer.add({"id": "b", "image": b"y", "title": "u", "color": "blue"})
+            writer.add({"id": "c", "image": b"z", "title": "v", "color": "red", "split": "Train"})
+
+    after = sorted(path.name for path in out.iterdir() if path.suffix == ".parquet")
+    assert after == before
+    rows = pa.concat_tables(pq.read_table(out / name) for name in after).column("id").to_pylist()
+    assert rows == ["a"]

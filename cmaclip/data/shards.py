@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -92,9 +93,10 @@ class ShardWriter:
     """Streams rows into per-split Parquet shards of at most ``rows_per_shard`` rows.
 
     Rows are buffered per split and written as row groups once the buffer is large, so memory
-    stays bounded whatever the size of the data set. Existing shards and ``dataset.json`` in
-    ``out_dir`` are removed first: a rebuild that writes fewer shards would otherwise leave stale
-    ones that readers take for part of the new data set.
+    stays bounded whatever the size of the data set. Shards are written into a staging folder
+    (``out_dir/.building``) and replace the previous build's shards and ``dataset.json`` only
+    when the writer closes without error: a failed rebuild leaves the old data set usable, and a
+    rebuild that writes fewer shards leaves no stale ones behind.
 
     Example::
 
@@ -128,8 +130,9 @@ class ShardWriter:
         self._file_index = dict.fromkeys(SPLITS, 0)
         self._closed = False
 
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._remove_previous_build()
+        self._staging = self.out_dir / ".building"
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging.mkdir(parents=True)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -144,12 +147,13 @@ class ShardWriter:
             self.close()
             return
 
-        # a failed build keeps its partial shards for inspection but writes no dataset.json,
-        # so no reader mistakes it for a finished one
+        # a failed build keeps its partial shards in the staging folder for inspection, and the
+        # previous build (if any) stays as it was
         for writer in self._writers.values():
             if writer is not None:
                 writer.close()
         self._closed = True
+        logger.warning("build failed; partial shards left in %s", self._staging)
 
     def add(self, row: Mapping[str, Any]) -> str:
         """Buffer one row and return its split (``row["split"]`` if given, else from the id)."""
@@ -188,6 +192,15 @@ class ShardWriter:
                 self._flush(split)
                 self._close_file(split)
             self._closed = True
+
+            self._remove_previous_build()
+            moved = []
+            for path in map(Path, self.files):
+                target = self.out_dir / path.name
+                os.replace(path, target)
+                moved.append(str(target))
+            self.files = moved
+            shutil.rmtree(self._staging, ignore_errors=True)
         return dict(self.counts)
 
     def _flush(self, split: str) -> None:
@@ -197,7 +210,7 @@ class ShardWriter:
 
         writer = self._writers[split]
         if writer is None:
-            path = self.out_dir / f"{split}-{self._file_index[split]:05d}.parquet"
+            path = self._staging / f"{split}-{self._file_index[split]:05d}.parquet"
             # pictures are already compressed; spend no time compressing them again
             compression = {name: "zstd" for name in self.schema.names}
             compression["image"] = "none"
