@@ -12,34 +12,41 @@ import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 
-def recall_at_precision(
-    correct: np.ndarray, confidence: np.ndarray, precision: float = 0.9
-) -> float:
-    """Largest recall whose precision is still at least `precision`.
+def _operating_points(
+    correct: np.ndarray, confidence: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Threshold, precision and recall at every cut between distinct confidences.
 
-    Predictions are ranked by their top-class probability; keeping the top n gives
-    precision = correct kept / n and recall = correct kept / all labelled rows. Tied
-    probabilities are kept or dropped together, since no threshold separates them. Returns 0
-    when no threshold reaches the precision.
-
-    >>> recall_at_precision(np.array([1, 1, 0, 1]), np.array([0.9, 0.8, 0.7, 0.6]))
-    0.5
+    Predictions are ranked by confidence; keeping those at or above a threshold gives
+    precision = correct kept / kept and recall = correct kept / all rows. Tied confidences are
+    kept or dropped together, since no threshold separates them.
     """
     correct = np.asarray(correct, dtype=np.float64)
     confidence = np.asarray(confidence, dtype=np.float64)
     if correct.size == 0:
-        return 0.0
+        return np.zeros(0), np.zeros(0), np.zeros(0)
 
     order = np.argsort(-confidence, kind="stable")
+    ranked = confidence[order]
     hits = np.cumsum(correct[order])
     kept = np.arange(1, correct.size + 1)
+    cut = np.append(ranked[1:] < ranked[:-1], True)  # the next confidence is strictly lower
 
-    # only cut where the next confidence is strictly lower (or at the end)
-    ranked = confidence[order]
-    cut = np.append(ranked[1:] < ranked[:-1], True)
+    return ranked[cut], hits[cut] / kept[cut], hits[cut] / correct.size
 
-    precisions = hits[cut] / kept[cut]
-    recalls = hits[cut] / correct.size
+
+def recall_at_precision(
+    correct: np.ndarray, confidence: np.ndarray, precision: float = 0.9
+) -> float:
+    """Largest recall whose precision is still at least `precision`; 0 where none reaches it.
+
+    Predictions are ranked by their top-class probability (see `_operating_points`), and recall
+    is relative to all labelled rows.
+
+    >>> recall_at_precision(np.array([1, 1, 0, 1]), np.array([0.9, 0.8, 0.7, 0.6]))
+    0.5
+    """
+    _, precisions, recalls = _operating_points(correct, confidence)
     reaching = precisions >= precision - 1e-12
     return float(recalls[reaching].max()) if reaching.any() else 0.0
 
@@ -48,19 +55,9 @@ def threshold_at_precision(
     correct: np.ndarray, confidence: np.ndarray, precision: float = 0.9
 ) -> float | None:
     """The lowest confidence threshold whose kept predictions reach `precision`, if any."""
-    correct = np.asarray(correct, dtype=np.float64)
-    confidence = np.asarray(confidence, dtype=np.float64)
-    if correct.size == 0:
-        return None
-
-    order = np.argsort(-confidence, kind="stable")
-    ranked = confidence[order]
-    hits = np.cumsum(correct[order])
-    kept = np.arange(1, correct.size + 1)
-    cut = np.append(ranked[1:] < ranked[:-1], True)
-
-    reaching = np.flatnonzero(cut & (hits / kept >= precision - 1e-12))
-    return float(ranked[reaching.max()]) if reaching.size else None
+    thresholds, precisions, _ = _operating_points(correct, confidence)
+    reaching = precisions >= precision - 1e-12
+    return float(thresholds[reaching].min()) if reaching.any() else None
 
 
 def task_metrics(

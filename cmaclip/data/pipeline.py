@@ -25,6 +25,8 @@ from cmaclip.model.encoders import register_model_configs
 logger = logging.getLogger(__name__)
 
 MISSING = -1  # label id for a missing (null) or unknown label: the row adds no loss for that task
+# what a training step reads of each preprocessed row (ids and error texts stay behind)
+TENSOR_COLUMNS = ["images", "text", "labels", "valid", "unknown_labels"]
 MAX_ASPECT = 20.0  # wider or taller images would be resized to a huge long side before cropping
 
 

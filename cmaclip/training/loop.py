@@ -23,6 +23,7 @@ import torch.distributed as dist
 from open_clip.loss import ClipLoss
 
 from cmaclip.config import Config
+from cmaclip.data.pipeline import TENSOR_COLUMNS
 from cmaclip.export import load_weights, save_model
 from cmaclip.metrics import macro_accuracy_from_confusion
 from cmaclip.model.cmaclip import CMACLIP
@@ -30,8 +31,6 @@ from cmaclip.tracking import log_metrics
 from cmaclip.training.losses import multitask_loss
 
 logger = logging.getLogger(__name__)
-
-TENSOR_COLUMNS = ["images", "text", "labels", "valid", "unknown_labels"]
 
 
 def _setup_logging(rank: int) -> None:

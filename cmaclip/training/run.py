@@ -20,15 +20,13 @@ import yaml
 
 from cmaclip import tracking
 from cmaclip.config import Config, config_to_dict, flatten
-from cmaclip.data.pipeline import InputSpec, check_shards, ray_dataset
+from cmaclip.data.pipeline import TENSOR_COLUMNS, InputSpec, check_shards, ray_dataset
 from cmaclip.data.shards import read_dataset_info, shard_files
 from cmaclip.evaluate import evaluate_model, precision_thresholds
 from cmaclip.export import input_spec, load_model, save_model
 from cmaclip.model.cmaclip import CMACLIP, count_parameters
 
 logger = logging.getLogger(__name__)
-
-_TRAIN_COLUMNS = ["images", "text", "labels", "valid", "unknown_labels"]
 
 
 def select_tasks(config: Config, info: dict[str, Any]) -> dict[str, list[str]]:
@@ -85,7 +83,7 @@ def _datasets(config: Config, spec: InputSpec) -> dict[str, Any]:
             preprocess_cpus=config.data.preprocess_cpus,
             read_cpus=config.data.read_cpus,
             shuffle_files=split == "train",
-        ).select_columns(_TRAIN_COLUMNS)
+        ).select_columns(TENSOR_COLUMNS)
         for split in ("train", "val")
     }
 
