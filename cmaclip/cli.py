@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -80,6 +81,86 @@ def show(report: Annotated[Path, typer.Argument(help="A report.json")]) -> None:
     if not isinstance(content, dict) or not {"tasks", "split", "rows_read"} <= content.keys():
         raise ValueError(f"{report}: not a report written by cmaclip train or evaluate")
     typer.echo(format_table(content))
+
+
+def _read_items(source: Path) -> list[tuple[str | None, bytes | None]]:
+    """Items from a JSON-lines file: {"title": ..., "image": path relative to the file}."""
+    items = []
+    for number, line in enumerate(source.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source}:{number}: not valid JSON ({error})") from None
+        if not isinstance(row, dict) or not {"title", "image"} & row.keys():
+            raise ValueError(f'{source}:{number}: expected an object with "title" and/or "image"')
+        image = row.get("image")
+        items.append((row.get("title"), (source.parent / image).read_bytes() if image else None))
+    return items
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option(help="Model folder (runs/NAME/model) or runs:/ID/model")],
+    image: Annotated[Path | None, typer.Option(help="An image file")] = None,
+    title: Annotated[str | None, typer.Option(help="The item's title")] = None,
+    input_: Annotated[
+        Path | None,
+        typer.Option("--input", help='JSON lines of {"title": ..., "image": "file.png"}'),
+    ] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks; default all")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Labels listed per task")] = 3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass")] = 64,
+) -> None:
+    """Classify items offline, with the whole model in this process; prints JSON lines.
+
+    The answers are those the HTTP service gives for the same inputs.
+    """
+    from cmaclip.predict import Predictor, to_json
+
+    setup_logging()
+    if input_ is not None:
+        if image is not None or title is not None:
+            raise ValueError("give --input, or --image and/or --title, not both")
+        items = _read_items(input_)
+    elif image is None and title is None:
+        raise ValueError("give --image and/or --title, or --input with a JSON-lines file")
+    else:
+        items = [(title, image.read_bytes() if image else None)]
+
+    predictor = Predictor(model)
+    wanted = [task.strip() for task in tasks.split(",")] if tasks else None
+    for start in range(0, len(items), batch_size):
+        answers = predictor.predict(items[start : start + batch_size], tasks=wanted, top_k=top_k)
+        typer.echo(to_json(answers))
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Model folder (runs/NAME/model) or runs:/ID/model")],
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Largest encoder batch")] = 32,
+) -> None:
+    """Serve a model over HTTP with Ray Serve until interrupted (serve/config.yaml for more)."""
+    import ray
+    from ray import serve as ray_serve
+
+    from cmaclip.serving import build_app
+
+    setup_logging()
+    application = build_app({"model": model, "max_batch_size": max_batch_size})
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    ray_serve.start(http_options={"host": host, "port": port})
+    ray_serve.run(application, name="cmaclip", route_prefix="/")
+    typer.echo(f"serving {model} at http://{host}:{port} (docs at /docs); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

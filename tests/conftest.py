@@ -37,7 +37,8 @@ def ray_cluster(tmp_path_factory):
     home = tmp_path_factory.mktemp("cmaclip-home")
     os.environ["CMACLIP_HOME"] = str(home)
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # a cluster of its own, even when a head started by `make ray-up` is running
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield home
     ray.shutdown()
     os.environ.pop("CMACLIP_HOME", None)

@@ -25,6 +25,10 @@ class ImageDecodeError(ValueError):
     """Raised when bytes cannot become an RGB picture; the message says why."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """Raised when an image's header claims more pixels than allowed (a decompression bomb)."""
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode PNG, JPEG or any format PIL reads into a fully loaded RGB picture.
 
@@ -57,13 +61,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             raise ImageDecodeError("truncated or corrupt image header") from error
         raise ImageDecodeError("bytes are not a recognised image format") from error
     except Image.DecompressionBombError as error:
-        raise ImageDecodeError(f"image header claims too many pixels: {error}") from error
+        raise ImageTooLargeError(f"image header claims too many pixels: {error}") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageDecodeError(f"unreadable image header: {error}") from error
 
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageDecodeError(
+        raise ImageTooLargeError(
             f"image header claims {width}x{height} = {width * height} pixels, "
             f"more than max_pixels={max_pixels}"
         )
