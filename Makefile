@@ -15,7 +15,7 @@ export CMACLIP_HOME := $(CURDIR)
 export RAY_AUTH_MODE := token
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo data train-job evaluate ray-up ray-down test test-fast lint mlflow clean
+.PHONY: install demo data train-job evaluate ray-up ray-down serve bench-serve test test-fast lint mlflow clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,15 @@ evaluate: install
 demo:
 	$(MAKE) train-job; status=$$?; $(MAKE) ray-down; test $$status -eq 0
 	$(MAKE) evaluate
+
+# the exported model over HTTP on 127.0.0.1:8000 until Ctrl-C (serve/config.yaml for more)
+serve: install
+	cmaclip serve --model runs/$(RUN)/model
+
+# 1, 8 and 32 concurrent clients, 60 s each, against the raw in-process throughput
+bench-serve: install data
+	python benchmarks/serve_load.py --model runs/$(RUN)/model --data data/emoji \
+	  --out benchmarks/results/serve_load.json
 
 test: install
 	$(BIN)/python -m pytest -q -ra

@@ -192,7 +192,7 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from cmaclip.serving import build_app
+    from cmaclip.serving import ENCODER_APP, run_local
 
     torch.set_num_threads(args.torch_threads)
     scratch = tempfile.TemporaryDirectory()
@@ -203,20 +203,17 @@ def main() -> None:
     raw = raw_throughput(args.model, bodies, args.batch_size, seconds=args.raw_seconds)
     logger.info("raw: %s", raw)
 
-    port = _free_port()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own cluster
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": str(args.model), "max_batch_size": args.batch_size,
-                     "torch_threads": args.torch_threads})  # fmt: skip
-    serve.run(app, name="cmaclip", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    options = {"model": str(args.model), "max_batch_size": args.batch_size,
+               "torch_threads": args.torch_threads}  # fmt: skip
+    url = run_local(options, port=_free_port())
 
     with tempfile.TemporaryDirectory() as folder:
         bodies_file = Path(folder) / "bodies.json"
         bodies_file.write_text(json.dumps(bodies))
         _load_from_second_process(url, bodies_file, 4, 5)  # warm-up: replicas, caches, JIT paths
 
-        encoder = serve.get_deployment_handle("Encoder", "cmaclip")
+        encoder = serve.get_deployment_handle("Encoder", ENCODER_APP)
         runs = []
         for clients in (int(c) for c in args.clients.split(",")):
             before = encoder.stats.remote().result()

@@ -147,15 +147,13 @@ def serve(
     import ray
     from ray import serve as ray_serve
 
-    from cmaclip.serving import build_app
+    from cmaclip.serving import run_local
 
     setup_logging()
-    application = build_app({"model": model, "max_batch_size": max_batch_size})
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    ray_serve.start(http_options={"host": host, "port": port})
-    ray_serve.run(application, name="cmaclip", route_prefix="/")
-    typer.echo(f"serving {model} at http://{host}:{port} (docs at /docs); Ctrl-C stops")
+    url = run_local({"model": model, "max_batch_size": max_batch_size}, host=host, port=port)
+    typer.echo(f"serving {model} at {url} (OpenAPI docs at {url}/docs); Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)

@@ -1,16 +1,17 @@
-"""The Ray Serve application: an HTTP ingress, one batched encoder, one deployment per task head.
+"""The Ray Serve service: an HTTP ingress, one batched encoder, one deployment per task head.
 
-    client --HTTP--> Ingress (FastAPI: validate, decode, tokenize)
+    client --HTTP--> Ingress (FastAPI: validate, decode, tokenize; batches its own requests)
                        |--> Encoder (CLIP encoders + sequence-wise attention, @serve.batch) -> I, T
                        |--> head_<task> for each asked task, in parallel (modality-wise attention
                             + MLP, @serve.batch) -> probabilities, image weight
 
-I and T are computed once per item whatever the number of tasks. Each head is its own
-deployment built from a model folder, so adding, replacing or removing a task's head is an
-edit of the Serve config's `heads` mapping; the encoder's arguments stay the same and Serve
-leaves its replicas running.
+I and T are computed once per item whatever the number of tasks. The encoder is an application
+of its own (`cmaclip-encoder`, no HTTP route) and the ingress with the heads is another
+(`cmaclip`): Serve redeploys an application whose arguments change, so adding, replacing or
+removing a head (the `heads` argument of `cmaclip`) restarts the small ingress and heads and
+leaves the encoder's replicas running.
 
-`serve/config.yaml` runs this with `serve run serve/config.yaml`; `cmaclip serve` is the short
+`serve/config.yaml` runs both with `serve run serve/config.yaml`; `cmaclip serve` is the short
 form for one model folder.
 """
 
@@ -51,25 +52,39 @@ logger = logging.getLogger(__name__)
 # -- configuration -------------------------------------------------------------------------------
 
 
-class ServeArgs(BaseModel):
-    """The application's arguments (`args:` in serve/config.yaml)."""
+ENCODER_APP = "cmaclip-encoder"
+MODEL_HELP = "Model folder (runs/NAME/model) or MLflow URI (runs:/ID/model)"
+
+
+class EncoderArgs(BaseModel):
+    """The encoder application's arguments (`args:` of `cmaclip-encoder` in serve/config.yaml)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Model folder (runs/NAME/model) or MLflow URI (runs:/ID/model)")
+    model: str = Field(description=MODEL_HELP)
+    max_batch_size: int = Field(32, ge=1, description="Largest batch the encoder runs, in items")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Longest wait to fill a batch")
+    torch_threads: int = Field(1, ge=1, description="torch threads in the encoder replica")
+
+
+class ServeArgs(BaseModel):
+    """The HTTP application's arguments (`args:` of `cmaclip` in serve/config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description=MODEL_HELP + "; the encoder application must serve the same")
+    encoder_app: str = Field(ENCODER_APP, description="Name of the encoder application")
     heads: dict[str, str | None] | None = Field(
         None,
         description="Tasks to serve, each from a model folder (null: from `model`). Default: "
         "every task of `model`. A head from another folder must share `model`'s encoders and "
         "fusion weights, e.g. a `tuning` run started from the same checkpoint.",
     )
-    max_batch_size: int = Field(32, ge=1, description="Largest batch the encoder runs")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Longest wait to fill a batch")
+    max_batch_size: int = Field(32, ge=1, description="Largest chunk sent to encoder and heads")
     max_batch_items: int = Field(64, ge=1, description="Most items in one /v1/classify/batch")
     max_body_bytes: int = Field(16 << 20, ge=1024, description="Largest request body")
     max_image_bytes: int = Field(8 << 20, ge=1024, description="Largest image file")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest width x height")
-    torch_threads: int = Field(1, ge=1, description="torch threads in the encoder replica")
 
 
 # -- request and response schemas ----------------------------------------------------------------
@@ -98,50 +113,82 @@ class BatchRequest(BaseModel):
 # -- deployments ---------------------------------------------------------------------------------
 
 
+def _rows(chunks: list[tuple[np.ndarray, ...]]) -> int:
+    """The batch size of a list of chunks: their rows, not their number."""
+    return sum(len(chunk[0]) for chunk in chunks)
+
+
 def _batch_options(config: dict[str, Any], method) -> None:
     method.set_max_batch_size(int(config.get("max_batch_size", 32)))
     method.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
 
 
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
+def _split(array: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return np.split(array, np.cumsum(sizes)[:-1])
+
+
+@serve.deployment(
+    max_ongoing_requests=256,
+    ray_actor_options={"num_cpus": 1},
+    logging_config={"enable_access_log": False},  # one line per call would cost more than a head
+)
 class Encoder:
     """CLIP encoders and sequence-wise attention: item inputs in, I and T out, in batches.
 
-    The batch size and wait come from `user_config`, so changing them reconfigures the running
-    replica instead of replacing it.
+    Callers send chunks of items (an ingress replica's own batch); chunks from every ingress
+    replica are batched again here, up to `max_batch_size` items. The batch size and wait come
+    from `user_config`, so changing them reconfigures the running replica instead of replacing
+    it.
     """
 
     def __init__(self, model: str, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
         self.model, _ = load_model(model)
         self.model.heads = torch.nn.ModuleDict()  # the heads live in their own deployments
+        self.version = model_version(model)
         self.batch_sizes: Counter[int] = Counter()
+        self.max_batch_size = 32
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         _batch_options(config, self.encode)
+        self.max_batch_size = int(config.get("max_batch_size", 32))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def encode(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple]:
-        self.batch_sizes[len(items)] += 1
-        images = torch.from_numpy(np.stack([image for image, _ in items]))  # [B, 3, S, S]
-        text = torch.from_numpy(np.stack([tokens for _, tokens in items]))  # [B, L]
+    def describe(self) -> dict[str, Any]:
+        return {"model_version": self.version, "max_batch_size": self.max_batch_size}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
+    async def encode(self, chunks: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple]:
+        sizes = [len(images) for images, _ in chunks]
+        self.batch_sizes[sum(sizes)] += 1
+        images = torch.from_numpy(np.concatenate([images for images, _ in chunks]))  # [B,3,S,S]
+        text = torch.from_numpy(np.concatenate([text for _, text in chunks]))  # [B, L]
 
         # a thread, so that the replica keeps queueing the next batch while this one runs
         image_embedding, text_embedding = await asyncio.to_thread(self._embed, images, text)
-        return list(zip(image_embedding.numpy(), text_embedding.numpy(), strict=True))
+        return list(
+            zip(
+                _split(image_embedding.numpy(), sizes),
+                _split(text_embedding.numpy(), sizes),
+                strict=True,
+            )
+        )
 
     def _embed(self, images: torch.Tensor, text: torch.Tensor):
         with torch.no_grad():
             return self.model.embed(images, text)
 
     def stats(self) -> dict[int, int]:
-        """How many batches of each size this replica has run."""
+        """How many batches of each size (in items) this replica has run."""
         return dict(self.batch_sizes)
 
 
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(
+    max_ongoing_requests=256,
+    ray_actor_options={"num_cpus": 0.1},
+    logging_config={"enable_access_log": False},
+)
 class TaskHead:
-    """One task's modality-wise attention and MLP head."""
+    """One task's modality-wise attention and MLP head, on chunks of (I, T)."""
 
     def __init__(self, model: str, task: str):
         torch.set_num_threads(1)
@@ -150,12 +197,19 @@ class TaskHead:
     def reconfigure(self, config: dict[str, Any]) -> None:
         _batch_options(config, self.score)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def score(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple]:
-        image_embedding = torch.from_numpy(np.stack([image for image, _ in items]))  # [B, W]
-        text_embedding = torch.from_numpy(np.stack([text for _, text in items]))  # [B, W]
-        probabilities, image_weight = self.scorer(image_embedding, text_embedding)
-        return list(zip(probabilities.numpy(), image_weight.numpy(), strict=True))
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=_rows)
+    async def score(self, chunks: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple]:
+        sizes = [len(image) for image, _ in chunks]
+        image_embedding = torch.from_numpy(np.concatenate([image for image, _ in chunks]))
+        text_embedding = torch.from_numpy(np.concatenate([text for _, text in chunks]))
+        probabilities, image_weight = self.scorer(image_embedding, text_embedding)  # [B,C], [B]
+        return list(
+            zip(
+                _split(probabilities.numpy(), sizes),
+                _split(image_weight.numpy(), sizes),
+                strict=True,
+            )
+        )
 
 
 api = FastAPI(
@@ -199,16 +253,13 @@ def _item_error(error: ItemError, where: str = "") -> HTTPException:
 class Ingress:
     """HTTP in, JSON out. Validation and decoding happen here, before any model is called."""
 
-    def __init__(
-        self,
-        encoder: DeploymentHandle,
-        heads: dict[str, DeploymentHandle],
-        info: dict[str, Any],
-        args: dict[str, Any],
-    ):
-        self.encoder, self.heads, self.info = encoder, heads, info
+    def __init__(self, heads: dict[str, DeploymentHandle], info: dict[str, Any], args: dict):
+        self.heads, self.info = heads, info
         self.args = ServeArgs.model_validate(args)
+        self.encoder = serve.get_deployment_handle("Encoder", app_name=self.args.encoder_app)
+        self.encoder_checked = False
         self.preparer = ItemPreparer(info["input"], max_pixels=self.args.max_image_pixels)
+        self._infer.set_max_batch_size(self.args.max_batch_size)
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -353,19 +404,59 @@ class Ingress:
             raise HTTPException(404, f"unknown task(s) {unknown}; served tasks: {list(self.heads)}")
         return list(dict.fromkeys(tasks))
 
+    async def _check_encoder(self) -> None:
+        """Once: the encoder application must serve this application's model."""
+        described = await self.encoder.describe.remote()
+        if described["model_version"] != self.info["model_version"]:
+            raise HTTPException(
+                503,
+                f"the encoder application {self.args.encoder_app!r} serves model "
+                f"{described['model_version']}, this application {self.info['model_version']}; "
+                f"deploy both with the same `model`",
+            )
+        # a chunk larger than the encoder's batch would be refused by its batch queue
+        limit = min(self.args.max_batch_size, described["max_batch_size"])
+        self._infer.set_max_batch_size(limit)
+        self.encoder_checked = True
+
     async def _answer(self, prepared, tasks: list[str], top_k: int) -> dict[str, Any]:
-        # a batched method takes one argument per item, hence the tuples
-        embeddings = await self.encoder.encode.remote((prepared.image, prepared.text))
+        if not self.encoder_checked:
+            await self._check_encoder()
+        probabilities, image_weight = await self._infer((prepared, tuple(tasks)))
+        answers = {}
+        for task in tasks:
+            described = self.info["tasks"][task]
+            answers[task] = task_answer(
+                probabilities[task],
+                image_weight[task],
+                described["classes"],
+                described["threshold"],
+                top_k,
+            )
+        return {"tasks": answers, **prepared.notes}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _infer(self, requests: list[tuple[Any, tuple[str, ...]]]) -> list[tuple]:
+        """The requests this replica holds, as one chunk: one encoder call, one call per head.
+
+        Sending chunks rather than single items keeps the number of calls between replicas per
+        batch, not per item, which matters once the model itself is fast.
+        """
+        images = np.stack([prepared.image for prepared, _ in requests])  # [n, 3, S, S]
+        text = np.stack([prepared.text for prepared, _ in requests])  # [n, L]
+        embeddings = await self.encoder.encode.remote((images, text))
+
+        tasks = list(dict.fromkeys(task for _, asked in requests for task in asked))
         scores = await asyncio.gather(
             *(self.heads[task].score.remote(embeddings) for task in tasks)
         )
-        answers = {}
-        for task, (probabilities, image_weight) in zip(tasks, scores, strict=True):
-            described = self.info["tasks"][task]
-            answers[task] = task_answer(
-                probabilities, image_weight, described["classes"], described["threshold"], top_k
+        return [
+            (
+                {task: scores[k][0][i] for k, task in enumerate(tasks) if task in asked},
+                {task: float(scores[k][1][i]) for k, task in enumerate(tasks) if task in asked},
             )
-        return {"tasks": answers, **prepared.notes}
+            for i, (_, asked) in enumerate(requests)
+        ]
 
 
 # -- the application -----------------------------------------------------------------------------
@@ -395,38 +486,58 @@ def _describe_heads(args: ServeArgs, model: Path) -> dict[str, dict[str, Any]]:
                     f"{model}; its head would read embeddings it never saw"
                 )
         described[task] = {
+            "folder": str(folder),
             "classes": source_meta["tasks"][task],
             "threshold": thresholds(source_meta).get(task),
-            "source": str(folder),
+            "source": source_meta.get("run", folder.name),  # a run name, not a server path
         }
     return described
 
 
+def build_encoder(args: dict[str, Any]) -> serve.Application:
+    """Builder of the encoder application (`cmaclip-encoder`)."""
+    parsed = EncoderArgs.model_validate(args)
+    model = resolve_model(parsed.model)
+    read_meta(model)  # a clear error here rather than in a replica that keeps restarting
+    batching = {
+        "max_batch_size": parsed.max_batch_size,
+        "batch_wait_timeout_s": parsed.batch_wait_timeout_s,
+    }
+    return Encoder.options(user_config=batching).bind(str(model), parsed.torch_threads)
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The application builder that `serve run` / `serve deploy` call with the config's args."""
+    """Builder of the HTTP application (`cmaclip`): the ingress and one deployment per head."""
     parsed = ServeArgs.model_validate(args)
     started = time.perf_counter()
     model = resolve_model(parsed.model)
     meta = read_meta(model)
     heads = _describe_heads(parsed, model)
-    info = {
-        "model_version": model_version(model),
-        "input": meta["input"],
-        "tasks": heads,
-    }
-    batching = {
-        "max_batch_size": parsed.max_batch_size,
-        "batch_wait_timeout_s": parsed.batch_wait_timeout_s,
-    }
-
-    encoder = Encoder.options(user_config=batching).bind(str(model), parsed.torch_threads)
     head_handles = {
         task: TaskHead.options(
             name=f"head_{task}",
             user_config={"max_batch_size": parsed.max_batch_size, "batch_wait_timeout_s": 0.002},
-        ).bind(described["source"], task)
+        ).bind(described.pop("folder"), task)
         for task, described in heads.items()
     }
+    info = {"model_version": model_version(model), "input": meta["input"], "tasks": heads}
     logger.info("application for %s (%s), heads %s, built in %.1fs", model, info["model_version"],
                 list(heads), time.perf_counter() - started)  # fmt: skip
-    return Ingress.bind(encoder, head_handles, info, parsed.model_dump())
+    return Ingress.bind(head_handles, info, parsed.model_dump())
+
+
+def run_local(args: dict[str, Any], *, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Deploy both applications on the connected Ray cluster; returns the service's URL.
+
+    `args` holds the keys of both applications' arguments (see `EncoderArgs`, `ServeArgs`).
+    """
+    encoder_args = {key: value for key, value in args.items() if key in EncoderArgs.model_fields}
+    app_args = {key: value for key, value in args.items() if key in ServeArgs.model_fields}
+    unknown = set(args) - set(encoder_args) - set(app_args)
+    if unknown:
+        raise ValueError(f"unknown serving option(s) {sorted(unknown)}")
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_encoder(encoder_args), name=ENCODER_APP, route_prefix=None)
+    serve.run(build_app(app_args), name="cmaclip", route_prefix="/")
+    return f"http://{host}:{port}"

@@ -7,6 +7,6 @@ installed package serves without this folder; this module only names the builder
     serve deploy serve/config.yaml --address http://127.0.0.1:8265
 """
 
-from cmaclip.serving import build_app
+from cmaclip.serving import build_app, build_encoder
 
-__all__ = ["build_app"]
+__all__ = ["build_app", "build_encoder"]

@@ -25,7 +25,7 @@ from cmaclip.data.shards import read_dataset_info, shard_files
 from cmaclip.export import META, save_model
 from cmaclip.model.cmaclip import CMACLIP
 from cmaclip.predict import Predictor
-from cmaclip.serving import ServeArgs, _describe_heads
+from cmaclip.serving import ENCODER_APP, ServeArgs, _describe_heads
 
 pytestmark = pytest.mark.slow
 
@@ -83,14 +83,12 @@ def rows(emoji_shards) -> list[dict]:
 def server(ray_cluster, model_dir):
     from ray import serve
 
-    from cmaclip.serving import build_app
+    from cmaclip.serving import run_local
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": str(model_dir), "max_batch_items": 8, "max_body_bytes": 2 << 20,
             "max_image_bytes": 1 << 20, "max_image_pixels": 4_000_000}  # fmt: skip
-    serve.run(build_app(args), name="cmaclip", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    url = run_local(args, port=_free_port())
+    with httpx.Client(base_url=url, timeout=60) as client:
         yield client
     serve.shutdown()
 
@@ -201,6 +199,7 @@ FILE = {"other": ("a.txt", b"b")}
         ("decompression bomb", {"json": {"image": _b64(_bomb_png())}}, 413, "pixels"),
         ("image over the byte limit", {"json": {"image": _b64(b"0" * 1_100_000)}}, 413, "limit"),
         ("body over the limit", {"content": b" " * (3 << 20), "headers": JSON}, 413, "limit"),
+        ("image given as a URL", {"json": {"image": "https://example.com/a.png"}}, 400, "base64"),
         ("unknown task", {"json": {"title": "x", "tasks": ["colour"]}}, 404, "colour"),
         ("image sent as a form field", {"data": {"image": "abc"}, "files": FILE}, 422, "file"),
     ],
@@ -226,7 +225,7 @@ def test_bad_batches_get_a_clear_4xx(server, rows):
 def test_concurrent_requests_are_batched(server, rows):
     from ray import serve
 
-    encoder = serve.get_deployment_handle("Encoder", "cmaclip")
+    encoder = serve.get_deployment_handle("Encoder", ENCODER_APP)
     before = encoder.stats.remote().result()
     body = {"title": rows[0]["title"], "image": _b64(rows[0]["image"]), "tasks": ["category"]}
 
@@ -276,7 +275,8 @@ def test_heads_from_another_model_must_share_the_encoder(model_dir, tmp_path):
         model_dir,
     )
     assert list(heads) == ["category", "skin_tone"]
-    assert heads["category"]["source"] == str(tuned)
+    assert heads["category"]["folder"] == str(tuned)
+    assert heads["category"]["source"] == "tuned"
 
     # a head trained on other encoder weights is refused, naming the task
     other = CMACLIP(ModelConfig.model_validate(TINY), meta["tasks"])
