@@ -61,6 +61,11 @@ class StageConfig(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0)
     batch_size: int = Field(default=64, ge=1, description="Global batch size, split over workers.")
     warmup_steps: int = Field(default=0, ge=0)
+    cache: str | None = Field(
+        default=None,
+        description="warmup and tuning only: a cache folder from `cmaclip cache`, or `build` to "
+        "build one in the run folder before the stage; null runs the frozen part every epoch.",
+    )
 
 
 def _default_stages() -> dict[str, StageConfig]:
@@ -126,6 +131,12 @@ class Config(_Strict):
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
         for name in STAGES:
             self.stages.setdefault(name, StageConfig())
+        cached = [n for n in ("contrastive", "end_to_end") if self.stages[n].cache is not None]
+        if cached:
+            raise ValueError(
+                f"stages.{cached[0]}.cache: only warmup and tuning can use a cache (their "
+                f"frozen part is what the cache holds)"
+            )
         if not any(self.stages[name].enabled for name in STAGES[1:]):
             raise ValueError("enable at least one of the stages warmup, end_to_end, tuning")
         return self
