@@ -18,6 +18,7 @@ import copy
 import itertools
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -236,12 +237,14 @@ def run_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
 
 def _searcher(settings: TuneSettings):
     if settings.algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=settings.seed)
+        searcher = OptunaSearch(seed=settings.seed)
+        return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=settings.seed)
+    return BasicVariantGenerator(random_state=settings.seed, max_concurrent=settings.max_concurrent)
 
 
 def _scheduler(settings: TuneSettings):
@@ -340,7 +343,6 @@ def search(search_config: SearchConfig, *, resume: bool = False) -> dict[str, An
                     metric="score",
                     mode="max",
                     num_samples=settings.num_samples,
-                    max_concurrent_trials=settings.max_concurrent,
                     search_alg=_searcher(settings),
                     scheduler=_scheduler(settings),
                 ),
@@ -393,17 +395,29 @@ def rank_trials(results, max_epochs: int) -> list[dict[str, Any]]:
         error = str(result.error).strip().splitlines() if result.error is not None else []
         rows.append(
             {
-                "trial": Path(result.path).name.split("_")[1] if result.path else "?",
+                "trial": _trial_id(result.path),
                 "status": status,
                 "score": float(max(scores)) if epochs else None,
                 "epochs": epochs,
-                "values": {k: v for k, v in result.config.items()},
+                "values": dict(result.config or _trial_params(result.path)),
                 "error": _error_line(error) if error else None,
                 "path": result.path,
             }
         )
     rows.sort(key=lambda row: (row["score"] is None, -(row["score"] or 0.0)))
     return rows
+
+
+def _trial_id(path: str | None) -> str:
+    """Tune's trial id from its folder name, `run_trial_<id>_<n>_<values>_<date>`."""
+    match = re.search(r"_([0-9a-f]+_\d{5})_", Path(path or "").name)
+    return match.group(1) if match else Path(path or "?").name
+
+
+def _trial_params(path: str | None) -> dict[str, Any]:
+    """A trial's values from its folder (a restored search's errored trials carry none)."""
+    params = Path(path or "") / "params.json"
+    return json.loads(params.read_text()) if params.is_file() else {}
 
 
 def _error_line(lines: list[str]) -> str:
