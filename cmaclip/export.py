@@ -55,7 +55,12 @@ def save_model(model: CMACLIP, folder: str | Path, extra: dict[str, Any] | None 
         **(extra or {}),
     }
     (staging / META).write_text(json.dumps(meta, indent=2))
+    swap_in(staging, folder)
+    return folder
 
+
+def swap_in(staging: Path, folder: Path) -> None:
+    """Move a fully written `staging` folder to `folder`, replacing any previous one whole."""
     if folder.exists():
         old = folder.with_name(f".{folder.name}-old")
         shutil.rmtree(old, ignore_errors=True)
@@ -64,7 +69,6 @@ def save_model(model: CMACLIP, folder: str | Path, extra: dict[str, Any] | None 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, folder)
-    return folder
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:

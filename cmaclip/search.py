@@ -76,23 +76,14 @@ class SearchConfig(_Strict):
 
 def load_search_config(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
     """Read and check a search config; errors name the file and the field."""
-    from cmaclip.config import apply_overrides
+    from cmaclip.config import apply_overrides, read_yaml_mapping, validation_message
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"search config not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping")
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(read_yaml_mapping(path, "search config"), overrides or [])
     try:
         search = SearchConfig.model_validate(raw)
     except ValidationError as error:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()]
-        raise ValueError(f"{path}: " + "; ".join(lines)) from None
+        raise ValueError(validation_message(path, error)) from None
     _check_space(search, path)
     return search
 

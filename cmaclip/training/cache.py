@@ -210,7 +210,7 @@ def build_cache(
     import ray
     import ray.data
 
-    from cmaclip.export import input_spec, load_model, read_meta
+    from cmaclip.export import input_spec, load_model, read_meta, swap_in
 
     _check_level(level)
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
@@ -290,15 +290,7 @@ def build_cache(
         "seconds": round(time.perf_counter() - started, 1),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-    if out.exists():
-        old = out.with_name(f".{out.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+    swap_in(staging, out)
     logger.info("cache %s: %d rows, %.1f MiB (%.2f GiB per million rows) in %.0fs", out, total,
                 size / 2**20, manifest["gib_per_million_rows"], manifest["seconds"])  # fmt: skip
     return manifest
