@@ -210,6 +210,9 @@ def run_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
     config = trial_config(search, setup["base"], values)
     trial_id = ray.tune.get_context().get_trial_id()
 
+    # Limitation: a trial loads only the frozen part of `init`; the trained part starts fresh,
+    # also in a `tuning` search, where a run's tuning stage would continue the end_to_end heads
+    # (the trials may change the heads' sizes, so those weights need not fit).
     trainer = stage_trainer(
         config,
         search.stage,
