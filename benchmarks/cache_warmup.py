@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cmaclip import tracking  # noqa: E402
-from cmaclip.config import load_config  # noqa: E402
+from cmaclip.config import load_config, resolve_path  # noqa: E402
 from cmaclip.data.shards import read_dataset_info  # noqa: E402
 from cmaclip.export import input_spec, load_model  # noqa: E402
 from cmaclip.training.cache import build_cache, check_cache, resolve_checkpoint  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
 
     # the cache, built once (or reused when it matches the checkpoint and data)
-    cache_dir = Path(args.cache)
+    cache_dir = resolve_path(args.cache)
     build_seconds = None
     try:
         manifest = check_cache(cache_dir, stage="warmup", weights=init, data_dir=data_dir,

@@ -114,11 +114,11 @@ def resolve_checkpoint(path: str | Path, level: str) -> Path:
     For a run folder it is the checkpoint the cached stage starts from: the last enabled stage
     before it (`contrastive` before `warmup`, `end_to_end` before `tuning`), else `init`.
     """
-    from cmaclip.config import STAGES, load_config
+    from cmaclip.config import STAGES, load_config, resolve_path
     from cmaclip.export import META
 
     _check_level(level)
-    path = Path(path)
+    path = resolve_path(path)  # absolute: Ray workers run in other folders
     if (path / META).is_file():
         return path
     if not (path / "config.yaml").is_file():
