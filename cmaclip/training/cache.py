@@ -213,7 +213,8 @@ def build_cache(
     from cmaclip.export import input_spec, load_model, read_meta, swap_in
 
     _check_level(level)
-    model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
+    # absolute, since the actors run in other folders
+    model_dir, data_dir, out = Path(model_dir).resolve(), Path(data_dir).resolve(), Path(out)
     started = time.perf_counter()
     meta = read_meta(model_dir)
     tasks = meta["tasks"]
