@@ -403,8 +403,11 @@ def rank_trials(results, max_epochs: int) -> list[dict[str, Any]]:
 
 
 def _trial_id(path: str | None) -> str:
-    """Tune's trial id from its folder name, `run_trial_<id>_<n>_<values>_<date>`."""
-    match = re.search(r"_([0-9a-f]+_\d{5})_", Path(path or "").name)
+    """Tune's trial id from its folder name, `run_trial_<id>_<n>_<values>_<date>`.
+
+    Random search ids look like `e16cb_00000`, Optuna's like `412f8f7e`.
+    """
+    match = re.match(r".*?_([0-9a-f]{5,}(?:_\d{5})?)_\d+_", Path(path or "").name)
     return match.group(1) if match else Path(path or "?").name
 
 
