@@ -15,7 +15,8 @@ export CMACLIP_HOME := $(CURDIR)
 export RAY_AUTH_MODE := token
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo data train-job evaluate ray-up ray-down serve bench-serve test test-fast lint mlflow clean
+.PHONY: install demo data train-job evaluate ray-up ray-down test test-fast lint mlflow clean
+.PHONY: serve bench-serve cache tune bench-cache tensorboard
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,3 +75,18 @@ mlflow: install
 
 clean:
 	rm -rf runs mlflow.db mlartifacts
+
+# the frozen encoders' outputs of run $(RUN), for searches and cached warm-ups (after `make demo`)
+cache: install data
+	cmaclip cache --model runs/$(RUN) --data data/emoji --level tokens --out data/cache/$(RUN)-tokens
+
+# 8 trials of the cached warmup stage (configs/search-emoji.yaml); writes runs/emoji-search/best.yaml
+tune: install data
+	cmaclip tune --config configs/search-emoji.yaml
+
+# warmup epoch time with and without the cache -> benchmarks/results/cache_warmup.json
+bench-cache: install data
+	$(BIN)/python benchmarks/cache_warmup.py --model runs/$(RUN) --data data/emoji
+
+tensorboard: install
+	tensorboard --logdir runs/emoji-search/tune --host 127.0.0.1

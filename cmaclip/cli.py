@@ -161,6 +161,60 @@ def serve(
         ray_serve.shutdown()
 
 
+@app.command()
+def cache(
+    model: Annotated[
+        Path, typer.Option(help="A run folder (runs/NAME) or a checkpoint/model folder")
+    ],
+    data: Annotated[Path, typer.Option(help="A shard folder with dataset.json")],
+    level: Annotated[
+        str, typer.Option(help="tokens (encoder outputs, for warmup) or globals (I and T, tuning)")
+    ],
+    out: Annotated[Path, typer.Option(help="The cache folder to write")],
+    concurrency: Annotated[int, typer.Option(help="Ray Data actors, one model each")] = 1,
+    threads: Annotated[int, typer.Option(help="torch threads per actor")] = 2,
+) -> None:
+    """Run a model's frozen part once over every split and store its outputs for a stage."""
+    import ray
+
+    from cmaclip.training.cache import build_cache, resolve_checkpoint
+
+    setup_logging()
+    checkpoint = resolve_checkpoint(model, level)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    manifest = build_cache(
+        checkpoint, data, level, out, concurrency=concurrency, cpus_per_actor=1.0, threads=threads
+    )
+    rows = sum(manifest["rows"].values())
+    typer.echo(
+        f"cache {out}: level {level}, {rows} rows from {checkpoint}, "
+        f"{manifest['bytes'] / 2**20:.1f} MiB ({manifest['gib_per_million_rows']} GiB per "
+        f"million rows), {manifest['seconds']:.0f} s"
+    )
+
+
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Option(help="Search config, e.g. configs/search-emoji.yaml")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a search key: key.sub=value")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted search")] = False,
+) -> None:
+    """Search fusion hyperparameters with Ray Tune on a cached stage; write the best config."""
+    from cmaclip.search import format_ranking, load_search_config
+    from cmaclip.search import search as run_search
+
+    setup_logging()
+    search_config = load_search_config(config, list(set_ or []))
+    report = run_search(search_config, resume=resume)
+    typer.echo(format_ranking(report))
+    if report["best"]:
+        typer.echo(f"best config: {report['best']['config']}")
+    typer.echo(f"ranking: {search_config.search_dir() / 'ranking.json'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a user mistake (missing file, invalid value) is one line, not a traceback."""
     try:

@@ -61,6 +61,11 @@ class StageConfig(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0)
     batch_size: int = Field(default=64, ge=1, description="Global batch size, split over workers.")
     warmup_steps: int = Field(default=0, ge=0)
+    cache: str | None = Field(
+        default=None,
+        description="warmup and tuning only: a cache folder from `cmaclip cache`, or `build` to "
+        "build one in the run folder before the stage; null runs the frozen part every epoch.",
+    )
 
 
 def _default_stages() -> dict[str, StageConfig]:
@@ -126,6 +131,12 @@ class Config(_Strict):
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
         for name in STAGES:
             self.stages.setdefault(name, StageConfig())
+        cached = [n for n in ("contrastive", "end_to_end") if self.stages[n].cache is not None]
+        if cached:
+            raise ValueError(
+                f"stages.{cached[0]}.cache: only warmup and tuning can use a cache (their "
+                f"frozen part is what the cache holds)"
+            )
         if not any(self.stages[name].enabled for name in STAGES[1:]):
             raise ValueError("enable at least one of the stages warmup, end_to_end, tuning")
         return self
@@ -177,32 +188,38 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def validation_message(where: str | Path, error: ValidationError) -> str:
+    """`FILE: field.sub: message; ...` for every field pydantic refused."""
+    lines = [f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in error.errors()]
+    return f"{where}: " + "; ".join(lines)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply overrides and validate it.
 
     Errors name the file and the offending field, for example
     `configs/emoji.yaml: stages.warmup.lr: Input should be greater than 0`.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: the top level must be a mapping")
-
+    raw = read_yaml_mapping(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        lines = [
-            f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in error.errors()
-        ]
-        raise ValueError(f"{path or 'config'}: " + "; ".join(lines)) from None
+        raise ValueError(validation_message(path or "config", error)) from None
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

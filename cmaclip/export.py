@@ -55,7 +55,12 @@ def save_model(model: CMACLIP, folder: str | Path, extra: dict[str, Any] | None 
         **(extra or {}),
     }
     (staging / META).write_text(json.dumps(meta, indent=2))
+    swap_in(staging, folder)
+    return folder
 
+
+def swap_in(staging: Path, folder: Path) -> None:
+    """Move a fully written `staging` folder to `folder`, replacing any previous one whole."""
     if folder.exists():
         old = folder.with_name(f".{folder.name}-old")
         shutil.rmtree(old, ignore_errors=True)
@@ -64,7 +69,6 @@ def save_model(model: CMACLIP, folder: str | Path, extra: dict[str, Any] | None 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, folder)
-    return folder
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -81,8 +85,15 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_weights(model: CMACLIP, folder: str | Path) -> None:
-    """Load a checkpoint's weights into a model built for the same tasks and widths."""
+def load_weights(
+    model: CMACLIP, folder: str | Path, *, parts: tuple[str, ...] | None = None
+) -> None:
+    """Load a checkpoint's weights into a model built for the same tasks and widths.
+
+    With `parts` (state-dict prefixes such as `("encoders.",)`) only those weights are loaded,
+    and only they must fit: the rest of the model keeps its own initial values. A search trial
+    that changes the fusion widths starts that way from a checkpoint's encoders.
+    """
     path = Path(folder) / WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
@@ -90,15 +101,24 @@ def load_weights(model: CMACLIP, folder: str | Path) -> None:
         state = load_file(str(path))
     except Exception as error:  # safetensors raises its own error type for a corrupt header
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shapes differ: other classes, widths or architecture
-        raise ValueError(f"{path}: weights do not fit this model: {error}") from None
+
+    own = model.state_dict()
+    if parts is not None:
+        state = {k: v for k, v in state.items() if k.startswith(parts)}
+        own = {k: v for k, v in own.items() if k.startswith(parts)}
+        if not state:
+            raise ValueError(f"{path}: holds no weights under {list(parts)}")
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
     if missing or unexpected:
         raise ValueError(
             f"{path}: weights do not fit this model "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes differ: other classes, widths or architecture
+        raise ValueError(f"{path}: weights do not fit this model: {error}") from None
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[CMACLIP, dict]:

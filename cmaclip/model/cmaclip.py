@@ -9,6 +9,7 @@ MLP head).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -100,10 +101,50 @@ class CMACLIP(nn.Module):
 
         if fusion.sequence is None:
             return fusion.image_proj(image.features), fusion.text_proj(title.features)
+        return self.fuse(image.tokens, title.tokens, title.padding_mask, title.eot_index)
 
-        image_tokens = fusion.image_proj(image.tokens) + fusion.modality_embedding[0]
-        text_tokens = fusion.text_proj(title.tokens) + fusion.modality_embedding[1]
-        return fusion.sequence(image_tokens, text_tokens, title.padding_mask, title.eot_index)
+    def fuse(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_padding: torch.Tensor,
+        eot_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """I and T from the encoders' token sequences, e.g. ones read back from a cache.
+
+        `image_tokens` is [B, 1 + P, D] (class token first), `text_tokens` [B, L, D] with its
+        padding mask [B, L]; L may be shorter than the context as long as it keeps every
+        unpadded token, since padding is masked out anyway.
+        """
+        fusion = self.fusion
+        if fusion.sequence is None:
+            rows = torch.arange(len(eot_index), device=eot_index.device)
+            # the class token and the end-of-text token are CLIP's pooled features
+            return fusion.image_proj(image_tokens[:, 0]), fusion.text_proj(
+                text_tokens[rows, eot_index]
+            )
+
+        image_tokens = fusion.image_proj(image_tokens) + fusion.modality_embedding[0]
+        text_tokens = fusion.text_proj(text_tokens) + fusion.modality_embedding[1]
+        return fusion.sequence(image_tokens, text_tokens, text_padding, eot_index)
+
+    def frozen_outputs(
+        self, images: torch.Tensor, text: torch.Tensor, level: str
+    ) -> dict[str, torch.Tensor]:
+        """What a cache keeps of a batch: encoder tokens (`tokens`) or I and T (`globals`)."""
+        if level == "globals":
+            image_embedding, text_embedding = self.embed(images, text)
+            return {"image_embedding": image_embedding, "text_embedding": text_embedding}
+        if level != "tokens":
+            raise ValueError(f"unknown cache level {level!r}; levels are tokens, globals")
+        image = self.encoders.encode_image(images)
+        title = self.encoders.encode_text(text)
+        return {
+            "image_tokens": image.tokens,
+            "text_tokens": title.tokens,
+            "text_padding": title.padding_mask,
+            "eot_index": title.eot_index,
+        }
 
     def classify(self, image_embedding: torch.Tensor, text_embedding: torch.Tensor) -> CMAOutput:
         """Per-task modality-wise attention and heads on given I and T."""
@@ -111,12 +152,32 @@ class CMACLIP(nn.Module):
         logits = {task: self.heads[task](fused[:, k]) for k, task in enumerate(self.task_names)}
         return CMAOutput(logits, image_weight, image_embedding, text_embedding)
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, *, contrastive: bool = False):
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        *,
+        contrastive: bool = False,
+        cached: Mapping[str, torch.Tensor] | None = None,
+    ):
         """A `CMAOutput`, or with `contrastive=True` CLIP's (image, text, scale) for its loss.
 
-        The contrastive path goes through `forward` too, so that DDP sees it and synchronises
-        the encoders' gradients.
+        With `cached`, the encoders are skipped: it holds either the token sequences of
+        `frozen_outputs(..., "tokens")` or I and T of `frozen_outputs(..., "globals")`.
+        The contrastive and cached paths go through `forward` too, so that DDP sees them and
+        synchronises the gradients of what they train.
         """
+        if cached is not None:
+            if "image_embedding" in cached:
+                return self.classify(cached["image_embedding"], cached["text_embedding"])
+            return self.classify(
+                *self.fuse(
+                    cached["image_tokens"],
+                    cached["text_tokens"],
+                    cached["text_padding"],
+                    cached["eot_index"],
+                )
+            )
         if contrastive:
             return self.encoders.contrastive_features(images, text)
         return self.classify(*self.embed(images, text))

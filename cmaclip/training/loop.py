@@ -28,6 +28,7 @@ from cmaclip.export import load_weights, save_model
 from cmaclip.metrics import macro_accuracy_from_confusion
 from cmaclip.model.cmaclip import CMACLIP
 from cmaclip.tracking import log_metrics
+from cmaclip.training.cache import CACHE_COLUMNS, CachedSplit, cached_inputs, read_manifest
 from cmaclip.training.losses import multitask_loss
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,14 @@ def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, tor
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def _validate(model, shard, *, stage, tasks, batch_size, device, clip_loss) -> dict[str, Any]:
+def _classify(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, cached: bool):
+    """The classifier's output on `rows` of a batch: from pixels and token ids, or from a cache."""
+    if cached:
+        return model(cached=cached_inputs(batch, rows))
+    return model(batch["images"][rows], batch["text"][rows])
+
+
+def _validate(model, batches, *, stage, tasks, device, clip_loss, cache_level) -> dict[str, Any]:
     """Validation counts on this worker's shard, summed over all workers."""
     model.eval()
     net = _unwrap(model)
@@ -99,24 +107,22 @@ def _validate(model, shard, *, stage, tasks, batch_size, device, clip_loss) -> d
     confusion = [torch.zeros(len(tasks[t]), len(tasks[t]), dtype=torch.int64) for t in task_names]
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, rows used, rows skipped
     weight_sum = torch.zeros(len(task_names), dtype=torch.float64)
+    columns = CACHE_COLUMNS[cache_level] if cache_level else TENSOR_COLUMNS
 
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=None):
-            batch = _move({k: batch[k] for k in TENSOR_COLUMNS}, device)
-            valid = batch["valid"]
+        for batch in batches:
+            batch = _move({k: batch[k] for k in columns}, device)
+            valid = batch["valid"].bool()
             sums[3] += float((~valid).sum())
             if not valid.any():
                 continue
-            images, text, labels = (
-                batch["images"][valid],
-                batch["text"][valid],
-                batch["labels"][valid],
-            )
+            labels = batch["labels"][valid]
 
             if stage == "contrastive":
+                images, text = batch["images"][valid], batch["text"][valid]
                 loss = clip_loss(*net(images, text, contrastive=True))
             else:
-                out = net(images, text)
+                out = _classify(net, batch, valid, cached=cache_level is not None)
                 loss, _ = multitask_loss(out.logits, labels)
                 weight_sum += out.image_weight.sum(dim=0).double().cpu()
                 for k, task in enumerate(task_names):
@@ -156,6 +162,10 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     stage: str = loop_config["stage"]
     tasks: dict[str, list[str]] = loop_config["tasks"]
     stage_config = config.stages[stage]
+    # with a cache, rows hold the frozen part's outputs instead of pixels and token ids
+    cache_dir: str | None = loop_config.get("cache_dir")
+    cache_level = read_manifest(cache_dir)["level"] if cache_dir else None
+    columns = CACHE_COLUMNS[cache_level] if cache_level else TENSOR_COLUMNS
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -168,12 +178,14 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     # model: build, start from the previous stage's best weights, freeze for this stage
     model = CMACLIP(config.model, tasks)
     if loop_config.get("init_weights"):
-        load_weights(model, loop_config["init_weights"])
+        parts = loop_config.get("init_parts")
+        load_weights(model, loop_config["init_weights"], parts=tuple(parts) if parts else None)
     params = model.set_stage(stage)
     logger.info(
-        "stage %s: %d workers, %d threads each, training %.2fM of %.2fM parameters",
+        "stage %s: %d workers, %d threads each, training %.2fM of %.2fM parameters%s",
         stage, world, threads,
         sum(p.numel() for p in params) / 1e6, sum(p.numel() for p in model.parameters()) / 1e6,
+        f", from a {cache_level} cache" if cache_level else "",
     )  # fmt: skip
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
@@ -191,8 +203,12 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     # features over workers would need equal batch sizes, which skipped rows do not guarantee.
     clip_loss = ClipLoss()
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    if cache_dir:
+        train_cache = CachedSplit(cache_dir, "train", rank=rank, world=world)
+        val_cache = CachedSplit(cache_dir, "val", rank=rank, world=world, equal=False)
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
+        val_shard = ray.train.get_dataset_shard("val")
     progress = _Progress(stage, stage_config.epochs, steps, enabled=rank == 0)
     loss_weights = config.data.loss_weights
 
@@ -201,17 +217,25 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         epoch_start = time.perf_counter()
         loss_sum, batches, used, skipped = 0.0, 0, 0, 0
 
-        batches_of_epoch = train_shard.iter_torch_batches(
-            batch_size=batch_size,
-            dtypes=None,
-            prefetch_batches=2,
-            drop_last=True,  # every worker gets the same rows, so the same number of steps
-            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-            local_shuffle_seed=config.run.seed + 1000 * epoch + rank,
-        )
+        shuffle_seed = config.run.seed + 1000 * epoch + rank
+        if cache_dir:
+            batches_of_epoch = train_cache.batches(
+                batch_size, shuffle_seed=shuffle_seed, drop_last=True
+            )
+            val_batches = val_cache.batches(batch_size)
+        else:
+            batches_of_epoch = train_shard.iter_torch_batches(
+                batch_size=batch_size,
+                dtypes=None,
+                prefetch_batches=2,
+                drop_last=True,  # every worker gets the same rows, so the same number of steps
+                local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+                local_shuffle_seed=shuffle_seed,
+            )
+            val_batches = val_shard.iter_torch_batches(batch_size=batch_size, dtypes=None)
         for step, batch in enumerate(batches_of_epoch):
-            batch = _move({k: batch[k] for k in TENSOR_COLUMNS}, device)
-            valid = batch["valid"]
+            batch = _move({k: batch[k] for k in columns}, device)
+            valid = batch["valid"].bool()
             skipped += int((~valid).sum())
             used += int(valid.sum())
 
@@ -219,14 +243,20 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             # every DDP worker must take part in every gradient all-reduce
             keep = valid if valid.any() else torch.ones_like(valid)
             scale = 1.0 if valid.any() else 0.0
-            images, text, labels = batch["images"][keep], batch["text"][keep], batch["labels"][keep]
+            labels = batch["labels"][keep]
 
             if stage == "contrastive":
+                images, text = batch["images"][keep], batch["text"][keep]
                 loss = clip_loss(*model(images, text, contrastive=True)) * scale
             else:
-                out = model(images, text)
+                out = _classify(model, batch, keep, cached=cache_level is not None)
                 loss, _ = multitask_loss(out.logits, labels, loss_weights)
                 loss = loss * scale
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"stage {stage}: the training loss is {float(loss)} at epoch {epoch + 1} "
+                    f"step {step + 1}; lower stages.{stage}.lr (now {stage_config.lr:g})"
+                )
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -244,8 +274,8 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         used, skipped = int(counts[0]), int(counts[1])
 
         validation = _validate(
-            model, val_shard, stage=stage, tasks=tasks, batch_size=batch_size,
-            device=device, clip_loss=clip_loss,
+            model, val_batches, stage=stage, tasks=tasks, device=device, clip_loss=clip_loss,
+            cache_level=cache_level,
         )  # fmt: skip
         if config.selection_metric == "val_loss" or stage == "contrastive":
             score = -validation["val_loss"]

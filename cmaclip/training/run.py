@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from cmaclip import tracking
-from cmaclip.config import Config, config_to_dict, flatten
+from cmaclip.config import Config, config_to_dict, flatten, resolve_path
 from cmaclip.data.pipeline import TENSOR_COLUMNS, InputSpec, check_shards, ray_dataset
 from cmaclip.data.shards import read_dataset_info, shard_files
 from cmaclip.evaluate import evaluate_model, precision_thresholds
@@ -88,6 +88,66 @@ def _datasets(config: Config, spec: InputSpec) -> dict[str, Any]:
     }
 
 
+def stage_trainer(
+    config: Config,
+    stage: str,
+    *,
+    tasks: dict[str, list[str]],
+    datasets: dict[str, Any],
+    init_weights: Path,
+    train_rows: int,
+    storage: Path,
+    name: str,
+    mlflow: dict[str, str] | None = None,
+    cache_dir: Path | None = None,
+    init_parts: tuple[str, ...] | None = None,
+    callbacks: list[Any] | None = None,
+):
+    """The Ray Train `TorchTrainer` of one stage; a run fits it, a search trial too.
+
+    With `cache_dir` the workers read a cache's rows instead of pixels and token ids, and
+    `datasets` is not used;
+    `init_parts` loads only those weights of `init_weights` (a trial whose fusion widths differ
+    from the checkpoint's keeps its fresh fusion and heads).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cmaclip.training.loop import train_stage
+
+    scaling = config.scaling
+    return TorchTrainer(
+        train_stage,
+        train_loop_config={
+            "config": config_to_dict(config),
+            "stage": stage,
+            "tasks": tasks,
+            "init_weights": str(init_weights),
+            "init_parts": list(init_parts) if init_parts else None,
+            "train_rows": train_rows,
+            "cache_dir": str(cache_dir) if cache_dir else None,
+            "tracking_uri": (mlflow or {}).get("uri"),
+            "mlflow_run_id": (mlflow or {}).get("run_id"),
+        },
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="score", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=None if cache_dir else datasets,
+    )
+
+
 def _fit_stage(
     config: Config,
     stage: str,
@@ -97,44 +157,17 @@ def _fit_stage(
     init_weights: Path,
     train_rows: int,
     mlflow: dict[str, str],
+    cache_dir: Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Run one stage through Ray Train; return its best checkpoint folder and metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from cmaclip.training.loop import train_stage
-
-    scaling = config.scaling
     storage = config.storage_path()
     shutil.rmtree(storage / stage, ignore_errors=True)
 
-    trainer = TorchTrainer(
-        train_stage,
-        train_loop_config={
-            "config": config_to_dict(config),
-            "stage": stage,
-            "tasks": tasks,
-            "init_weights": str(init_weights),
-            "train_rows": train_rows,
-            "tracking_uri": mlflow["uri"],
-            "mlflow_run_id": mlflow["run_id"],
-        },
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=stage,
-            storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="score", checkpoint_score_order="max"
-            ),
-            failure_config=FailureConfig(max_failures=config.run.max_failures),
-        ),
-        datasets=datasets,
-    )
+    trainer = stage_trainer(
+        config, stage, tasks=tasks, datasets=datasets, init_weights=init_weights,
+        train_rows=train_rows, storage=storage, name=stage, mlflow=mlflow,
+        cache_dir=cache_dir,
+    )  # fmt: skip
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"stage {stage} failed") from result.error
@@ -145,6 +178,30 @@ def _fit_stage(
     with checkpoint.as_directory() as folder:
         shutil.copytree(folder, target)
     return target, metrics
+
+
+def stage_cache(
+    config: Config, stage: str, *, weights: Path, tasks: dict[str, list[str]]
+) -> Path | None:
+    """The checked cache folder a stage reads, built first when its config says `build`."""
+    from cmaclip.training.cache import STAGE_LEVEL, build_cache, check_cache
+
+    setting = config.stages[stage].cache
+    if setting is None:
+        return None
+    if setting == "build":
+        cache_dir = config.run_dir() / "cache" / stage
+        build_cache(
+            weights, config.data_path(), STAGE_LEVEL[stage], cache_dir,
+            concurrency=config.data.preprocess_concurrency,
+            cpus_per_actor=config.data.preprocess_cpus,
+            threads=config.scaling.torch_threads or 1,
+        )  # fmt: skip
+    else:
+        cache_dir = resolve_path(setting)
+    check_cache(cache_dir, stage=stage, weights=weights, data_dir=config.data_path(), tasks=tasks)
+    logger.info("stage %s reads the cache %s", stage, cache_dir)
+    return cache_dir
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -189,9 +246,11 @@ def train(config: Config) -> dict[str, Any]:
             tracking.log_params(uri, child, flatten(config.stages[stage].model_dump()))
             stage_start = time.perf_counter()
             try:
+                cache_dir = stage_cache(config, stage, weights=weights, tasks=tasks)
                 weights, metrics = _fit_stage(
                     config, stage, tasks=tasks, datasets=datasets, init_weights=weights,
                     train_rows=train_rows, mlflow={"uri": uri, "run_id": child},
+                    cache_dir=cache_dir,
                 )  # fmt: skip
             except BaseException:
                 tracking.end_run(uri, child, "FAILED")
@@ -203,6 +262,7 @@ def train(config: Config) -> dict[str, Any]:
                 "val_loss": metrics["val_loss"],
                 "seconds": round(time.perf_counter() - stage_start, 1),
                 "checkpoint": str(weights),
+                **({"cache": str(cache_dir)} if cache_dir is not None else {}),
             }
             logger.info("stage %s done: best epoch %d, score %.4f", stage, metrics["epoch"],
                         metrics["score"])  # fmt: skip
