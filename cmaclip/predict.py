@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from cmaclip.config import ModelConfig
+from cmaclip.config import ModelConfig, resolve_path
 from cmaclip.data.images import DEFAULT_MAX_PIXELS, decode_image
 from cmaclip.data.pipeline import MAX_ASPECT, InputSpec
 from cmaclip.export import META, WEIGHTS, load_model, read_meta
@@ -251,7 +251,7 @@ def resolve_model(uri: str | Path) -> Path:
         mlflow.set_tracking_uri(tracking.tracking_uri(None))
         logger.info("downloading model %s from MLflow", text)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
-    return Path(text)
+    return resolve_path(text)
 
 
 class Predictor:

@@ -17,6 +17,7 @@ form for one model folder.
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +29,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.types import Message
 
@@ -154,7 +156,13 @@ class Encoder:
         self.max_batch_size = int(config.get("max_batch_size", 32))
 
     def describe(self) -> dict[str, Any]:
-        return {"model_version": self.version, "max_batch_size": self.max_batch_size}
+        """What the ingress checks, and which replica process answered (for operators)."""
+        return {
+            "model_version": self.version,
+            "max_batch_size": self.max_batch_size,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "pid": os.getpid(),
+        }
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
     async def encode(self, chunks: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple]:
@@ -447,11 +455,11 @@ class Ingress:
         """
         images = np.stack([prepared.image for prepared, _ in requests])  # [n, 3, S, S]
         text = np.stack([prepared.text for prepared, _ in requests])  # [n, L]
-        embeddings = await self.encoder.encode.remote((images, text))
+        embeddings = await _call(self.encoder.encode, (images, text))
 
         tasks = list(dict.fromkeys(task for _, asked in requests for task in asked))
         scores = await asyncio.gather(
-            *(self.heads[task].score.remote(embeddings) for task in tasks)
+            *(_call(self.heads[task].score, embeddings) for task in tasks)
         )
         return [
             (
@@ -460,6 +468,22 @@ class Ingress:
             )
             for i, (_, asked) in enumerate(requests)
         ]
+
+
+async def _call(method, *args, retries: int = 2):
+    """Call a replica; when it dies with the call in flight, send the call again.
+
+    Encoder and heads compute pure functions of their inputs, so a second call is safe, and
+    Serve routes it to a live replica, or holds it until the replacement is up. Only a call
+    whose every try met a dying replica fails, as a 503 that the client may retry.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return await method.remote(*args)
+        except RayActorError as error:
+            logger.warning("a replica died during a call (try %d of %d): %s", attempt + 1,
+                           retries + 1, type(error).__name__)  # fmt: skip
+    raise HTTPException(503, f"the model's replicas died {retries + 1} times; retry later")
 
 
 # -- the application -----------------------------------------------------------------------------

@@ -5,13 +5,19 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from xml.etree import ElementTree
 
 import httpx
 import numpy as np
@@ -30,6 +36,7 @@ from cmaclip.serving import ENCODER_APP, ServeArgs, _describe_heads
 pytestmark = pytest.mark.slow
 
 THRESHOLDS = {"category": 0.0, "subcategory": None, "skin_tone": 0.99}
+CLIENTS = 8
 
 
 def _free_port() -> int:
@@ -287,3 +294,75 @@ def test_heads_from_another_model_must_share_the_encoder(model_dir, tmp_path):
         )
     with pytest.raises(ValueError, match="no task 'colour'"):
         _describe_heads(ServeArgs(model=str(model_dir), heads={"colour": None}), model_dir)
+
+
+# -- under faults: fuzzed requests, and a replica killed under load (these run last) ------------
+
+
+def test_requests_generated_from_the_openapi_schema_never_get_a_5xx(server, tmp_path):
+    """Schemathesis sends valid and invalid requests built from /openapi.json to every route."""
+    report = tmp_path / "schemathesis.xml"
+    result = subprocess.run(
+        [
+            Path(sys.executable).parent / "schemathesis", "run",
+            f"{server.base_url}/openapi.json",
+            "--checks", "not_a_server_error", "--mode", "all", "--max-examples", "25",
+            "--seed", "7", "--phases", "examples,coverage,fuzzing", "--workers", "2",
+            "--report-junit-path", report,
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:]
+
+    # every operation was exercised, none failed
+    cases = ElementTree.parse(report).getroot().iter("testcase")
+    operations = {case.get("name"): case for case in cases}
+    assert {"POST /v1/classify", "POST /v1/classify/batch", "GET /v1/tasks"} <= set(operations)
+    assert not any(case.find("failure") is not None for case in operations.values())
+
+
+def test_a_killed_encoder_replica_is_replaced_without_failing_requests(server, rows):
+    """The encoder's only replica dies mid-load: calls in flight are sent again, none fail."""
+    from ray import serve
+
+    encoder = serve.get_deployment_handle("Encoder", app_name=ENCODER_APP)
+    victim = encoder.describe.remote().result()
+    body = {"title": rows[0]["title"], "image": _b64(rows[0]["image"])}
+    answers: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=server.base_url, timeout=120) as own:
+            while not stop.is_set():
+                status = own.post("/v1/classify", json=body).status_code
+                answers.append((time.monotonic(), status))
+
+    with ThreadPoolExecutor(max_workers=CLIENTS) as pool:
+        for _ in range(CLIENTS):
+            pool.submit(client)
+        _wait_for(lambda: len(answers) >= 20, "answers before the kill")
+
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        replacement = _wait_for(
+            lambda: (r := encoder.describe.remote().result())["pid"] != victim["pid"] and r,
+            "a replacement replica",
+        )
+        _wait_for(lambda: sum(t > killed_at for t, _ in answers) >= 40, "answers after the kill")
+        stop.set()
+
+    statuses = Counter(status for _, status in answers)
+    after = Counter(status for t, status in answers if t > killed_at)
+    # at most the requests in flight could be lost; the retry in the ingress loses none of them
+    assert set(statuses) == {200}, statuses
+    assert after[200] >= 40
+    assert replacement["replica"] != victim["replica"]
+
+
+def _wait_for(condition, what: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
