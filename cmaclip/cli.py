@@ -35,8 +35,15 @@ def train(
         list[str] | None, typer.Option("--set", help="Override a config key: key.sub=value")
     ] = None,
     run_name: Annotated[str | None, typer.Option(help="Run name (folder runs/NAME)")] = None,
+    restart: Annotated[
+        bool, typer.Option(help="Delete an earlier submission of the run and train it anew")
+    ] = False,
 ) -> None:
-    """Run the staged training on Ray and evaluate the test split."""
+    """Run the staged training on Ray and evaluate the test split.
+
+    Submitting a run name again resumes it: finished stages are kept, an unfinished stage goes
+    on from its latest checkpoint, a finished run does nothing.
+    """
     from cmaclip.config import load_config
     from cmaclip.evaluate import format_table
     from cmaclip.training.run import train as run_training
@@ -46,7 +53,15 @@ def train(
     if run_name:
         overrides.append(f"run.name={run_name}")
     loaded = load_config(config, overrides)
-    report = run_training(loaded)
+    report = run_training(loaded, restart=restart)
+    submission = report.get("submission", {})
+    if submission.get("already_finished"):
+        typer.echo(
+            f"run {loaded.run.name} had finished already ({report.get('finished', 'unknown')}): "
+            f"nothing trained; --restart trains it anew"
+        )
+    elif submission.get("kept"):
+        typer.echo(f"resumed: stage(s) {', '.join(submission['kept'])} kept from before")
     typer.echo(format_table(report))
     typer.echo(f"report: {loaded.run_dir() / 'report.json'}")
 

@@ -112,7 +112,20 @@ class RunConfig(_Strict):
         default=None, description="Ray Train storage for checkpoints; <root>/<name>/ray if null."
     )
     seed: int = 0
-    max_failures: int = 0
+    max_failures: int = Field(
+        default=0,
+        ge=-1,
+        description="Ray Train's FailureConfig.max_failures: how often a stage's worker group is "
+        "restarted after a worker dies or raises, each time from the stage's latest checkpoint; "
+        "-1 retries without end, 0 ends the run at the first failure (resubmitting the run name "
+        "then resumes it).",
+    )
+    collective_timeout_s: int = Field(
+        default=1800,
+        ge=1,
+        description="Seconds a worker waits in one collective (gradient all-reduce, metric "
+        "sums) before it gives up; a stuck peer then fails the stage instead of hanging it.",
+    )
 
 
 class Config(_Strict):

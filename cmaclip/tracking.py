@@ -94,3 +94,23 @@ def log_artifacts(uri: str, run_id: str, path: Path, artifact_path: str | None =
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
+
+
+def reopen_run(uri: str, run_id: str | None) -> bool:
+    """Mark an earlier submission's run as running again; False when the store has no such run.
+
+    A resubmitted training run continues in the MLflow runs it began in, so each stage keeps one
+    history of epochs across the submissions.
+    """
+    if not run_id:
+        return False
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        logger.info("MLflow run %s is not in %s; a new run is started", run_id, uri)
+        return False
+    client.update_run(run_id, status="RUNNING")
+    return True

@@ -1,10 +1,17 @@
 """The per-worker training loop of one stage, run by every Ray Train worker.
 
 Read top to bottom: set up threads, seed and model; freeze what the stage does not train; wrap
-for DDP; build the optimizer over the trained parameters only; then per epoch train on this
-worker's shard of the training data, validate on its shard of the validation data, combine the
-validation counts over all workers, and report metrics plus a checkpoint to Ray Train, which
-keeps the best one by `score`.
+for DDP; build the optimizer over the trained parameters only; resume from the stage's latest
+checkpoint when Ray Train hands one over; then per epoch train on this worker's shard of the
+training data, validate on its shard of the validation data, combine the validation counts over
+all workers, and report metrics plus a checkpoint to Ray Train, which keeps the best one by
+`score` (for the next stage) and the latest one (for a resume).
+
+A checkpoint holds what a resume needs: the weights (`model.safetensors`, `model.json`) and
+`training_state.pt` with the optimizer's and the learning-rate schedule's state and the number of
+epochs done, read back with `torch.load(weights_only=True)`. Ray Train gives the latest
+checkpoint to the workers it restarts after a failure, and to a stage fitted again on the same
+storage (a resubmitted run), through `ray.train.get_checkpoint()`.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 import math
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +32,7 @@ from open_clip.loss import ClipLoss
 
 from cmaclip.config import Config
 from cmaclip.data.pipeline import TENSOR_COLUMNS
-from cmaclip.export import load_weights, save_model
+from cmaclip.export import load_weights, write_model_files
 from cmaclip.metrics import macro_accuracy_from_confusion
 from cmaclip.model.cmaclip import CMACLIP
 from cmaclip.tracking import log_metrics
@@ -32,6 +40,8 @@ from cmaclip.training.cache import CACHE_COLUMNS, CachedSplit, cached_inputs, re
 from cmaclip.training.losses import multitask_loss
 
 logger = logging.getLogger(__name__)
+
+TRAINING_STATE = "training_state.pt"
 
 
 def _setup_logging(rank: int) -> None:
@@ -58,17 +68,70 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
     return factor
 
 
-def _all_reduce(tensors: list[torch.Tensor]) -> None:
+def _all_reduce(tensors: list[torch.Tensor], op=dist.ReduceOp.SUM) -> None:
     if dist.is_available() and dist.is_initialized():
         for tensor in tensors:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, op=op)
+
+
+def agreed_batches(batches, limit: int | None = None):
+    """Yield batches while every worker still has one, so that all take the same steps.
+
+    Before each step the workers agree (a one-number all-reduce) whether all of them hold a
+    batch; the first worker to run out ends the epoch for everyone. Without this, a worker whose
+    shard holds fewer rows would leave its peers waiting in the next gradient all-reduce until
+    the collective timeout. Rows left in a longer shard are read and dropped (counted as held
+    back), so the data pipeline still finishes its epoch. `limit` caps the steps.
+    """
+    iterator = iter(batches)
+    step = 0
+    while limit is None or step < limit:
+        batch = next(iterator, None)
+        present = torch.tensor([0 if batch is None else 1], dtype=torch.int64)
+        _all_reduce([present], op=dist.ReduceOp.MIN)
+        if not int(present):
+            if batch is not None:
+                logger.debug("a peer's shard ran out after %d steps; dropping the rest", step)
+            break
+        yield batch
+        step += 1
+    for _ in iterator:
+        pass
+
+
+def _save_checkpoint(folder: str, model: CMACLIP, optimizer, schedule, *, stage, epoch, world):
+    """A checkpoint folder with the weights and the state that resuming after `epoch` needs."""
+    write_model_files(model, Path(folder), {"stage": stage, "epoch": epoch})
+    state = {
+        "stage": stage,
+        "epoch": epoch,
+        "world": world,
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+    }
+    torch.save(state, Path(folder) / TRAINING_STATE)
+
+
+def _load_training_state(folder: Path, stage: str) -> dict[str, Any]:
+    """The optimizer and schedule state of a checkpoint; nothing but tensors and numbers."""
+    path = folder / TRAINING_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; this checkpoint cannot resume a stage")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # an unpickler error: a file that holds more than state
+        raise ValueError(f"{path}: not a training state this code reads ({error})") from None
+    if state.get("stage") != stage:
+        raise ValueError(f"{path}: a checkpoint of stage {state.get('stage')!r}, not {stage!r}")
+    return state
 
 
 class _Progress:
     """Progress lines for the job log: stage, epoch, step, loss, throughput and ETA."""
 
-    def __init__(self, stage: str, epochs: int, steps: int, enabled: bool):
+    def __init__(self, stage: str, epochs: int, steps: int, enabled: bool, first: int = 0):
         self.stage, self.epochs, self.steps, self.enabled = stage, epochs, steps, enabled
+        self.first = first  # epochs done before a resume: not part of this process's rate
         self.every = max(1, steps // 5)
         self.start = time.perf_counter()
         self.samples = 0
@@ -78,8 +141,8 @@ class _Progress:
         if not self.enabled or (step + 1) % self.every and step + 1 != self.steps:
             return
         elapsed = time.perf_counter() - self.start
-        done = epoch * self.steps + step + 1
-        left = self.epochs * self.steps - done
+        done = (epoch - self.first) * self.steps + step + 1
+        left = (self.epochs - self.first) * self.steps - done
         eta = elapsed / done * left
         logger.info(
             "stage %s epoch %d/%d step %d/%d loss %.4f %.1f samples/s ETA %dm%02ds",
@@ -199,6 +262,21 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(stage_config.warmup_steps, steps * stage_config.epochs)
     )
+
+    # resume: Ray Train hands over the latest checkpoint after a restart or a resubmission
+    first_epoch = 0
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as folder:
+            load_weights(_unwrap(model), folder)
+            state = _load_training_state(Path(folder), stage)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        first_epoch = int(state["epoch"])
+        logger.info(
+            "stage %s resumes after epoch %d of %d from %s (schedule at step %d)",
+            stage, first_epoch, stage_config.epochs, resumed.path, schedule.last_epoch,
+        )  # fmt: skip
     # Limitation: the contrastive loss takes its negatives from the worker's own batch; gathering
     # features over workers would need equal batch sizes, which skipped rows do not guarantee.
     clip_loss = ClipLoss()
@@ -209,10 +287,10 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     else:
         train_shard = ray.train.get_dataset_shard("train")
         val_shard = ray.train.get_dataset_shard("val")
-    progress = _Progress(stage, stage_config.epochs, steps, enabled=rank == 0)
+    progress = _Progress(stage, stage_config.epochs, steps, enabled=rank == 0, first=first_epoch)
     loss_weights = config.data.loss_weights
 
-    for epoch in range(stage_config.epochs):
+    for epoch in range(first_epoch, stage_config.epochs):
         model.train()
         epoch_start = time.perf_counter()
         loss_sum, batches, used, skipped = 0.0, 0, 0, 0
@@ -233,7 +311,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
                 local_shuffle_seed=shuffle_seed,
             )
             val_batches = val_shard.iter_torch_batches(batch_size=batch_size, dtypes=None)
-        for step, batch in enumerate(batches_of_epoch):
+        for step, batch in enumerate(agreed_batches(batches_of_epoch)):
             batch = _move({k: batch[k] for k in columns}, device)
             valid = batch["valid"].bool()
             skipped += int((~valid).sum())
@@ -272,6 +350,9 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         counts = torch.tensor([used, skipped], dtype=torch.float64)
         _all_reduce([counts])
         used, skipped = int(counts[0]), int(counts[1])
+        fewest, most = torch.tensor([batches]), torch.tensor([batches])
+        _all_reduce([fewest], op=dist.ReduceOp.MIN)
+        _all_reduce([most], op=dist.ReduceOp.MAX)
 
         validation = _validate(
             model, val_batches, stage=stage, tasks=tasks, device=device, clip_loss=clip_loss,
@@ -285,7 +366,10 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         metrics = {
             "stage": stage,
             "epoch": epoch + 1,
+            "resumed_after_epoch": first_epoch,
             "train_loss": loss_sum / max(1, batches),
+            "train_steps_min": int(fewest),
+            "train_steps_max": int(most),
             "workers": world,
             "train_rows_used": used,
             "train_rows_skipped": skipped,
@@ -306,11 +390,14 @@ def train_stage(loop_config: dict[str, Any]) -> None:
                     loop_config["tracking_uri"], loop_config["mlflow_run_id"], metrics, epoch + 1
                 )
 
-        # Limitation: the checkpoint holds the weights only, not the optimizer state, so a
-        # stage restarted after a failure starts its learning-rate schedule anew.
+        # Ray Train uploads the folder and records it only once the upload is complete, so a
+        # worker killed mid-upload leaves the previous checkpoint as the latest
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
-                save_model(_unwrap(model), f"{folder}/model", {"stage": stage, "epoch": epoch + 1})
-                checkpoint = ray.train.Checkpoint.from_directory(f"{folder}/model")
+                _save_checkpoint(
+                    folder, _unwrap(model), optimizer, schedule, stage=stage, epoch=epoch + 1,
+                    world=world,
+                )  # fmt: skip
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)

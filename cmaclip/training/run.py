@@ -5,10 +5,19 @@ parent run, build the initial weights once, then run each enabled stage as its o
 `TorchTrainer` fit, each starting from the previous stage's best checkpoint. Finally export the
 last stage's best weights as `model/` (with its precision thresholds from the validation split),
 evaluate the test split and write `report.json`.
+
+A run name is a unit of work that survives its submissions. Submitting it again resumes it: a
+stage whose best checkpoint sits in `checkpoints/<stage>/` with its `stage.json` marker is not
+trained again, an unfinished stage continues from its latest checkpoint in Ray Train's storage,
+and a run with `report.json` does nothing. A resubmission with a config that changes what is
+trained (anything but where and how wide it runs: `scaling`, `tracking`, the data loading
+resources, the failure policy) is refused with the changed keys named; `restart=True` (the CLI's
+`--restart`) deletes the run and trains it anew.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import shutil
@@ -19,14 +28,35 @@ from typing import Any
 import yaml
 
 from cmaclip import tracking
-from cmaclip.config import Config, config_to_dict, flatten, resolve_path
+from cmaclip.config import STAGES, Config, config_to_dict, flatten, resolve_path
 from cmaclip.data.pipeline import TENSOR_COLUMNS, InputSpec, check_shards, ray_dataset
 from cmaclip.data.shards import read_dataset_info, shard_files
 from cmaclip.evaluate import evaluate_model, precision_thresholds
-from cmaclip.export import input_spec, load_model, save_model
+from cmaclip.export import (
+    META,
+    WEIGHTS,
+    input_spec,
+    load_model,
+    save_model,
+    staging_folder,
+    write_text_atomic,
+)
 from cmaclip.model.cmaclip import CMACLIP, count_parameters
 
 logger = logging.getLogger(__name__)
+
+STAGE_MARKER = "stage.json"
+RUN_STATE = "run.json"
+# config keys a resubmission may change: where and how wide the run goes, not what it trains
+RESUMABLE_KEYS = (
+    "scaling.",
+    "tracking.",
+    "data.preprocess_concurrency",
+    "data.preprocess_cpus",
+    "data.read_cpus",
+    "run.max_failures",
+    "run.collective_timeout_s",
+)
 
 
 def select_tasks(config: Config, info: dict[str, Any]) -> dict[str, list[str]]:
@@ -129,7 +159,9 @@ def stage_trainer(
             "tracking_uri": (mlflow or {}).get("uri"),
             "mlflow_run_id": (mlflow or {}).get("run_id"),
         },
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend="nccl" if scaling.use_gpu else "gloo", timeout_s=config.run.collective_timeout_s
+        ),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -159,25 +191,123 @@ def _fit_stage(
     mlflow: dict[str, str],
     cache_dir: Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Run one stage through Ray Train; return its best checkpoint folder and metrics."""
-    storage = config.storage_path()
-    shutil.rmtree(storage / stage, ignore_errors=True)
+    """Run one stage through Ray Train; return its best checkpoint's metrics.
 
+    Ray Train's storage of the stage is kept between submissions: a stage fitted again finds
+    its latest checkpoint there and resumes after it.
+    """
+    storage = config.storage_path()
     trainer = stage_trainer(
         config, stage, tasks=tasks, datasets=datasets, init_weights=init_weights,
         train_rows=train_rows, storage=storage, name=stage, mlflow=mlflow,
         cache_dir=cache_dir,
     )  # fmt: skip
-    result = trainer.fit()
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        raise RuntimeError(
+            f"stage {stage} failed after run.max_failures={config.run.max_failures} restarts; "
+            f"submitting run {config.run.name} again resumes it from its latest checkpoint"
+        ) from error
     if result.error:
         raise RuntimeError(f"stage {stage} failed") from result.error
 
+    if not result.best_checkpoints:
+        raise RuntimeError(f"stage {stage} reported no checkpoint (storage {storage / stage})")
     checkpoint, metrics = max(result.best_checkpoints, key=lambda item: item[1]["score"])
-    target = config.run_dir() / "checkpoints" / stage
-    shutil.rmtree(target, ignore_errors=True)
-    with checkpoint.as_directory() as folder:
-        shutil.copytree(folder, target)
-    return target, metrics
+    return checkpoint, metrics
+
+
+def _keep_best(checkpoint, stage_dir: Path, summary: dict[str, Any]) -> None:
+    """Copy a stage's best weights to `checkpoints/<stage>/` with the marker that it finished.
+
+    Written whole or not at all (a staging sibling renamed into place), so a folder with the
+    marker always holds complete weights. The optimizer state stays in Ray Train's storage: the
+    next stage starts its own.
+    """
+    with checkpoint.as_directory() as folder, staging_folder(stage_dir) as staging:
+        for name in (WEIGHTS, META):
+            shutil.copy2(Path(folder) / name, staging / name)
+        (staging / STAGE_MARKER).write_text(json.dumps(summary, indent=2))
+
+
+def finished_stage(run_dir: Path, stage: str) -> dict[str, Any] | None:
+    """The summary of a stage that finished in an earlier submission, else None."""
+    marker = run_dir / "checkpoints" / stage / STAGE_MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every config value that changes what a run trains."""
+    old, new = flatten(before), flatten(after)
+    return [
+        f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_KEYS)
+    ]
+
+
+def _open_run_dir(config: Config, restart: bool) -> bool:
+    """Prepare `runs/NAME/`; True when it resumes an earlier submission of the run.
+
+    A fresh run (or a restart) starts from an empty run folder and empty stage storage, so that
+    nothing of another run under the same name can be resumed by mistake.
+    """
+    run_dir, storage = config.run_dir(), config.storage_path()
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and not restart:
+        changes = config_changes(yaml.safe_load(saved.read_text()), config_to_dict(config))
+        if changes:
+            raise ValueError(
+                f"run {config.run.name} ({run_dir}) was submitted before with another config: "
+                f"{'; '.join(changes)}. Resubmitting resumes a run as it was configured; give "
+                f"a new run.name, or pass --restart to delete the run and train it anew"
+            )
+        return True
+
+    if restart and run_dir.exists():
+        logger.info("run %s: --restart deletes %s and trains it anew", config.run.name, run_dir)
+    for name in ("checkpoints", "model", "cache", "report.json", RUN_STATE, "config.yaml"):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for stage in STAGES:
+        shutil.rmtree(storage / stage, ignore_errors=True)
+    return False
+
+
+def _mlflow_runs(config: Config, uri: str, state: dict[str, Any]) -> str:
+    """The MLflow parent run: the earlier submission's, reopened, or a new one."""
+    previous = state.get("mlflow", {})
+    if previous.get("uri") == uri and tracking.reopen_run(uri, previous.get("parent")):
+        logger.info("MLflow: %s, run %s continued", uri, previous["parent"])
+        return previous["parent"]
+    parent = tracking.start_run(uri, config.tracking.experiment, config.run.name)
+    tracking.log_params(uri, parent, flatten(config_to_dict(config)))
+    tracking.log_artifacts(uri, parent, config.run_dir() / "config.yaml")
+    state["mlflow"] = {"uri": uri, "parent": parent, "stages": {}}
+    logger.info("MLflow: %s, run %s", uri, parent)
+    return parent
+
+
+def _stage_run(config: Config, stage: str, uri: str, parent: str, state: dict[str, Any]) -> str:
+    """The stage's MLflow child run; an unfinished stage keeps the one it began in."""
+    children = state["mlflow"].setdefault("stages", {})
+    if tracking.reopen_run(uri, children.get(stage)):
+        return children[stage]
+    child = tracking.start_run(
+        uri, config.tracking.experiment, f"{config.run.name}/{stage}", parent_id=parent,
+        tags={"cmaclip.stage": stage},
+    )  # fmt: skip
+    tracking.log_params(uri, child, flatten(config.stages[stage].model_dump()))
+    children[stage] = child
+    return child
 
 
 def stage_cache(
@@ -204,8 +334,12 @@ def stage_cache(
     return cache_dir
 
 
-def train(config: Config) -> dict[str, Any]:
-    """Run every enabled stage, export the model and evaluate it. Returns the report."""
+def train(config: Config, *, restart: bool = False) -> dict[str, Any]:
+    """Run every enabled stage, export the model and evaluate it. Returns the report.
+
+    Resumes an earlier submission of the same run name (see the module docstring); the report's
+    `submission` says which stages this call trained and which it found finished.
+    """
     started = time.perf_counter()
     data_dir = config.data_path()
     info = read_dataset_info(data_dir)
@@ -215,61 +349,87 @@ def train(config: Config) -> dict[str, Any]:
         check_shards(shard_files(data_dir, split), tasks)
 
     run_dir = config.run_dir()
+    resumed = _open_run_dir(config, restart)
+    if resumed and (run_dir / "report.json").is_file():
+        report = json.loads((run_dir / "report.json").read_text())
+        logger.info(
+            "run %s finished already (report.json of %s): nothing to train; --restart trains "
+            "it anew", config.run.name, report.get("finished", "unknown"),
+        )  # fmt: skip
+        report["submission"] = {"already_finished": True, "trained": [], "kept": []}
+        return report
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    logger.info("run %s: data %s, tasks %s, stages %s", run_dir, data_dir, list(tasks),
+    write_text_atomic(
+        run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    )
+    state = json.loads((run_dir / RUN_STATE).read_text()) if (run_dir / RUN_STATE).is_file() else {}
+    logger.info("run %s%s: data %s, tasks %s, stages %s", run_dir,
+                " (resumed)" if resumed else "", data_dir, list(tasks),
                 config.enabled_stages())  # fmt: skip
 
     # the initial weights: pretrained encoders (or a fresh init), shared by every worker
     model = CMACLIP(config.model, tasks)
-    weights = save_model(model, run_dir / "checkpoints" / "init", {"stage": "init"})
+    weights = run_dir / "checkpoints" / "init"
+    if not (weights / WEIGHTS).is_file():
+        save_model(model, weights, {"stage": "init"})
     spec = input_spec(model)
     logger.info("model: %.2fM parameters", count_parameters(model) / 1e6)
     del model
 
     _ensure_ray(config)
     uri = tracking.tracking_uri(config.tracking.tracking_uri)
-    parent = tracking.start_run(uri, config.tracking.experiment, config.run.name)
-    tracking.log_params(uri, parent, flatten(config_to_dict(config)))
-    tracking.log_artifacts(uri, parent, run_dir / "config.yaml")
-    logger.info("MLflow: %s, run %s", uri, parent)
+    parent = _mlflow_runs(config, uri, state)
+    write_text_atomic(run_dir / RUN_STATE, json.dumps(state, indent=2))
 
     datasets = _datasets(config, spec)
     stages: dict[str, Any] = {}
+    submission: dict[str, Any] = {"already_finished": False, "trained": [], "kept": []}
     status = "FAILED"
     try:
         for stage in config.enabled_stages():
-            child = tracking.start_run(
-                uri, config.tracking.experiment, f"{config.run.name}/{stage}", parent_id=parent,
-                tags={"cmaclip.stage": stage},
-            )  # fmt: skip
-            tracking.log_params(uri, child, flatten(config.stages[stage].model_dump()))
+            stage_dir = run_dir / "checkpoints" / stage
+            done = finished_stage(run_dir, stage)
+            if done is not None:
+                logger.info("stage %s finished in an earlier submission (best epoch %d, score "
+                            "%.4f): not trained again", stage, done["best_epoch"],
+                            done["score"])  # fmt: skip
+                stages[stage], weights = done, stage_dir
+                submission["kept"].append(stage)
+                continue
+
+            child = _stage_run(config, stage, uri, parent, state)
+            write_text_atomic(run_dir / RUN_STATE, json.dumps(state, indent=2))
             stage_start = time.perf_counter()
             try:
                 cache_dir = stage_cache(config, stage, weights=weights, tasks=tasks)
-                weights, metrics = _fit_stage(
+                checkpoint, metrics = _fit_stage(
                     config, stage, tasks=tasks, datasets=datasets, init_weights=weights,
                     train_rows=train_rows, mlflow={"uri": uri, "run_id": child},
                     cache_dir=cache_dir,
                 )  # fmt: skip
+                stages[stage] = {
+                    "best_epoch": metrics["epoch"],
+                    "score": metrics["score"],
+                    "val_loss": metrics["val_loss"],
+                    "seconds": round(time.perf_counter() - stage_start, 1),
+                    "checkpoint": str(stage_dir),
+                    **({"cache": str(cache_dir)} if cache_dir is not None else {}),
+                }
+                _keep_best(checkpoint, stage_dir, stages[stage])
             except BaseException:
                 tracking.end_run(uri, child, "FAILED")
                 raise
             tracking.end_run(uri, child)
-            stages[stage] = {
-                "best_epoch": metrics["epoch"],
-                "score": metrics["score"],
-                "val_loss": metrics["val_loss"],
-                "seconds": round(time.perf_counter() - stage_start, 1),
-                "checkpoint": str(weights),
-                **({"cache": str(cache_dir)} if cache_dir is not None else {}),
-            }
+            weights = stage_dir
+            submission["trained"].append(stage)
             logger.info("stage %s done: best epoch %d, score %.4f", stage, metrics["epoch"],
                         metrics["score"])  # fmt: skip
 
         report = _export_and_evaluate(config, weights, data_dir, stages, uri, parent)
         report["seconds"] = round(time.perf_counter() - started, 1)
-        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+        report["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        report["submission"] = submission
+        write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
         tracking.log_artifacts(uri, parent, run_dir / "report.json")
         status = "FINISHED"
         return report
