@@ -346,10 +346,12 @@ def test_a_killed_worker_is_replaced_and_the_stage_resumes_after_its_last_checkp
     assert lrs[2] == pytest.approx(warmup.lr * factor(2 * steps))
     assert lrs[3] == pytest.approx(warmup.lr * factor(3 * steps))
 
-    losses = dict(_history(config, "warmup", "train_loss"))
-    assert losses[3] < losses[1]
+    # the range of an uninterrupted run (measured: validation loss 6.8 -> 5.0 over the three
+    # epochs, test accuracy 0.74 for category, whose chance level is under 0.2)
+    val_losses = [value for _, value in _history(config, "warmup", "val_loss")]
+    assert val_losses[0] > val_losses[1] > val_losses[2] and val_losses[0] - val_losses[2] > 1.0
     assert report["rows_used"] + report["rows_skipped"] == report["rows_read"]
-    assert report["stages"]["warmup"]["score"] > 0.1
+    assert report["tasks"]["category"]["accuracy"] > 0.5
     for metrics in report["tasks"].values():
         assert 0.0 < metrics["accuracy"] <= 1.0
 

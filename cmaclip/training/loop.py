@@ -263,7 +263,10 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         optimizer, _lr_lambda(stage_config.warmup_steps, steps * stage_config.epochs)
     )
 
-    # resume: Ray Train hands over the latest checkpoint after a restart or a resubmission
+    # resume: Ray Train hands over the latest checkpoint after a restart or a resubmission.
+    # Limitation: the random generators' states are not in the checkpoint, so a resumed stage
+    # draws other dropout masks and shuffles than an uninterrupted one; weights, optimizer and
+    # schedule continue exactly, the run is not bit-identical.
     first_epoch = 0
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
