@@ -10,6 +10,9 @@ where the data, runs and MLflow store live:
     ray job submit --working-dir . \
         --runtime-env-json '{"env_vars": {"CMACLIP_HOME": "'$PWD'"}}' \
         -- python ray_jobs/train.py --config configs/emoji.yaml
+
+Submitting a run name again resumes it (finished stages are kept, an unfinished one continues
+from its latest checkpoint); `--restart` trains it anew.
 """
 
 import sys

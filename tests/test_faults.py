@@ -241,6 +241,12 @@ def test_a_resubmission_with_another_config_is_refused_naming_the_keys(tmp_path,
         train(after)
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
+    # a config saved before a key existed: the key's default is no change
+    saved = config_to_dict(before)
+    del saved["run"]["seed"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert "run.seed" not in str(pytest.raises(ValueError, train, after).value)
+
 
 def test_a_finished_run_resubmitted_does_nothing_and_says_so(tmp_path, emoji_shards):
     import ray

@@ -190,8 +190,8 @@ def _fit_stage(
     train_rows: int,
     mlflow: dict[str, str],
     cache_dir: Path | None = None,
-) -> tuple[Path, dict[str, Any]]:
-    """Run one stage through Ray Train; return its best checkpoint's metrics.
+) -> tuple[Any, dict[str, Any]]:
+    """Run one stage through Ray Train; return its best checkpoint and that epoch's metrics.
 
     Ray Train's storage of the stage is kept between submissions: a stage fitted again finds
     its latest checkpoint there and resumes after it.
@@ -260,7 +260,12 @@ def _open_run_dir(config: Config, restart: bool) -> bool:
     run_dir, storage = config.run_dir(), config.storage_path()
     saved = run_dir / "config.yaml"
     if saved.is_file() and not restart:
-        changes = config_changes(yaml.safe_load(saved.read_text()), config_to_dict(config))
+        before = yaml.safe_load(saved.read_text()) or {}
+        try:  # keys added to the code since then take their defaults on both sides
+            before = config_to_dict(Config.model_validate(before))
+        except ValueError:
+            pass
+        changes = config_changes(before, config_to_dict(config))
         if changes:
             raise ValueError(
                 f"run {config.run.name} ({run_dir}) was submitted before with another config: "
@@ -321,6 +326,14 @@ def stage_cache(
         return None
     if setting == "build":
         cache_dir = config.run_dir() / "cache" / stage
+        try:  # built by an earlier submission of this run, from the same weights and data
+            check_cache(
+                cache_dir, stage=stage, weights=weights, data_dir=config.data_path(), tasks=tasks
+            )
+            logger.info("stage %s reads the cache %s, built before", stage, cache_dir)
+            return cache_dir
+        except (FileNotFoundError, ValueError):
+            pass
         build_cache(
             weights, config.data_path(), STAGE_LEVEL[stage], cache_dir,
             concurrency=config.data.preprocess_concurrency,
