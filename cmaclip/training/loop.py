@@ -265,8 +265,8 @@ def train_stage(loop_config: dict[str, Any]) -> None:
 
     # resume: Ray Train hands over the latest checkpoint after a restart or a resubmission.
     # Limitation: the random generators' states are not in the checkpoint, so a resumed stage
-    # draws other dropout masks and shuffles than an uninterrupted one; weights, optimizer and
-    # schedule continue exactly, the run is not bit-identical.
+    # draws other dropout masks than an uninterrupted one would; weights, optimizer and
+    # schedule continue exactly, but the two runs are not bit-identical.
     first_epoch = 0
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
@@ -280,6 +280,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             "stage %s resumes after epoch %d of %d from %s (schedule at step %d)",
             stage, first_epoch, stage_config.epochs, resumed.path, schedule.last_epoch,
         )  # fmt: skip
+
     # Limitation: the contrastive loss takes its negatives from the worker's own batch; gathering
     # features over workers would need equal batch sizes, which skipped rows do not guarantee.
     clip_loss = ClipLoss()
