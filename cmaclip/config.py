@@ -90,6 +90,8 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(
         default=2048, ge=0, description="Rows in each worker's local shuffle buffer; 0 is off."
     )
+    # Limitation: training/run.py does not yet pass this value to ray_dataset and
+    # evaluate_model, so a training run applies the default budget whatever is set here.
     max_skipped_fraction: float = Field(
         default=DEFAULT_MAX_SKIPPED_FRACTION,
         ge=0,
