@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from cmaclip.data.cli import data_app
+from cmaclip.data.shards import DEFAULT_MAX_SKIPPED_FRACTION
 
 app = typer.Typer(
     help="CMA-CLIP on Ray: multi-task image-text classification.", no_args_is_help=True
@@ -72,13 +73,17 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="A shard folder with dataset.json")],
     split: Annotated[str, typer.Option(help="train, val or test")] = "test",
     out: Annotated[Path | None, typer.Option(help="Where to write report.json")] = None,
+    max_skipped_fraction: Annotated[
+        float,
+        typer.Option(min=0, max=1, help="Stop when more of the rows read are skipped than this"),
+    ] = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> None:
     """Score a model on a shard folder and print the per-task table."""
     from cmaclip.evaluate import evaluate as run_evaluation
     from cmaclip.evaluate import format_table
 
     setup_logging()
-    report = run_evaluation(model, data, split, out)
+    report = run_evaluation(model, data, split, out, max_skipped_fraction=max_skipped_fraction)
     typer.echo(format_table(report))
     if out:
         typer.echo(f"report: {out}")

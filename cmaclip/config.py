@@ -12,10 +12,12 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cmaclip.data.shards import DEFAULT_MAX_SKIPPED_FRACTION
 
 STAGES = ("contrastive", "warmup", "end_to_end", "tuning")
 HOME_ENV = "CMACLIP_HOME"
@@ -57,8 +59,8 @@ class ModelConfig(_Strict):
 class StageConfig(_Strict):
     enabled: bool = True
     epochs: int = Field(default=1, ge=1)
-    lr: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
+    lr: float = Field(default=1e-4, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
     batch_size: int = Field(default=64, ge=1, description="Global batch size, split over workers.")
     warmup_steps: int = Field(default=0, ge=0)
     cache: str | None = Field(
@@ -77,7 +79,9 @@ class DataConfig(_Strict):
     tasks: list[str] | None = Field(
         default=None, description="Tasks to train; all tasks of dataset.json when null."
     )
-    loss_weights: dict[str, float] = Field(default_factory=dict)
+    loss_weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict
+    )
     preprocess_concurrency: int = Field(default=1, ge=1, description="Ray Data decoding actors.")
     preprocess_cpus: float = Field(
         default=0.5, gt=0, description="CPUs reserved per decoding actor; fractional on a laptop."
@@ -85,6 +89,14 @@ class DataConfig(_Strict):
     read_cpus: float = Field(default=0.25, gt=0, description="CPUs reserved per Parquet read task.")
     shuffle_buffer: int = Field(
         default=2048, ge=0, description="Rows in each worker's local shuffle buffer; 0 is off."
+    )
+    # Limitation: training/run.py does not yet pass this value to ray_dataset and
+    # evaluate_model, so a training run applies the default budget whatever is set here.
+    max_skipped_fraction: float = Field(
+        default=DEFAULT_MAX_SKIPPED_FRACTION,
+        ge=0,
+        le=1,
+        description="Error budget: stop when more of the rows read than this are skipped.",
     )
 
 

@@ -18,7 +18,11 @@ import torch
 from tqdm import tqdm
 
 from cmaclip.data.pipeline import local_batches
-from cmaclip.data.shards import read_dataset_info
+from cmaclip.data.shards import (
+    DEFAULT_MAX_SKIPPED_FRACTION,
+    check_skipped_budget,
+    read_dataset_info,
+)
 from cmaclip.export import input_spec, load_model
 from cmaclip.metrics import task_metrics, threshold_at_precision
 from cmaclip.model.cmaclip import CMACLIP
@@ -37,9 +41,19 @@ class Evaluation:
 
 
 def evaluate_model(
-    model: CMACLIP, data_dir: str | Path, *, split: str = "test", batch_size: int = 128
+    model: CMACLIP,
+    data_dir: str | Path,
+    *,
+    split: str = "test",
+    batch_size: int = 128,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> Evaluation:
-    """Predict every row of `split` and compute per-task metrics."""
+    """Predict every row of `split` and compute per-task metrics.
+
+    Metrics over a split whose rows were mostly skipped would describe some other data: more
+    skipped rows than `max_skipped_fraction` of those read (or no usable row) stops the
+    evaluation with `TooManySkippedError`.
+    """
     data_dir = Path(data_dir)
     spec = input_spec(model)
     tasks = list(spec.tasks)
@@ -53,14 +67,17 @@ def evaluate_model(
     model.eval()
     bar = tqdm(total=expected, desc=f"evaluate {split}", unit="row", mininterval=5, disable=None)
     with torch.no_grad():
-        for batch in local_batches(data_dir, split, spec, batch_size=batch_size):
+        batches = local_batches(
+            data_dir, split, spec, batch_size=batch_size, max_skipped_fraction=max_skipped_fraction
+        )
+        for batch in batches:
             valid = batch["valid"]
             read += len(valid)
             skipped += int((~valid).sum())
             unknown += int(batch["unknown_labels"].sum())
             for row, error in zip(batch["id"][~valid], batch["error"][~valid], strict=True):
                 if len(skips) < MAX_LISTED_SKIPS:
-                    skips.append({"row": str(row), "reason": str(error)})
+                    skips.append({"file": batch["file"], "row": str(row), "reason": str(error)})
             bar.update(len(valid))
             if not valid.any():
                 continue
@@ -73,6 +90,14 @@ def evaluate_model(
             labels.append(batch["labels"][valid])
             weights.append(out.image_weight.numpy())
     bar.close()
+    check_skipped_budget(
+        read,
+        skipped,
+        max_skipped_fraction,
+        where=f"evaluating {data_dir} {split}",
+        option="data.max_skipped_fraction",
+        reasons=[f"row {skip['row']}: {skip['reason']}" for skip in skips],
+    )
 
     labels_all = np.concatenate(labels) if labels else np.zeros((0, len(tasks)), np.int64)
     weights_all = np.concatenate(weights) if weights else np.zeros((0, len(tasks)))
@@ -116,13 +141,20 @@ def precision_thresholds(evaluation: Evaluation, precision: float = 0.9) -> dict
 
 
 def evaluate(
-    model_dir: str | Path, data_dir: str | Path, split: str, out: str | Path | None
+    model_dir: str | Path,
+    data_dir: str | Path,
+    split: str,
+    out: str | Path | None,
+    *,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> dict:
     """Load `model_dir`, score `split` of `data_dir`, and write the report to `out`."""
     if out and Path(out).is_dir():
         raise ValueError(f"--out {out} is a folder; give the path of the report file to write")
     model, meta = load_model(model_dir)
-    report = evaluate_model(model, data_dir, split=split).report
+    report = evaluate_model(
+        model, data_dir, split=split, max_skipped_fraction=max_skipped_fraction
+    ).report
     report["model"] = str(model_dir)
     if out:
         out = Path(out)

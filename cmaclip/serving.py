@@ -256,6 +256,25 @@ def _item_error(error: ItemError, where: str = "") -> HTTPException:
     return HTTPException(status_code=error.status, detail=f"{where}{error}")
 
 
+async def _call(method, *args, retries: int = 2):
+    """Call a replica; when it dies with the call in flight, send the call again.
+
+    Defined before `Ingress`: Serve pickles the ingress class when the decorators run, and a
+    module-level name the class uses must already exist then.
+
+    Encoder and heads compute pure functions of their inputs, so a second call is safe, and
+    Serve routes it to a live replica, or holds it until the replacement is up. Only a call
+    whose every try met a dying replica fails, as a 503 that the client may retry.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return await method.remote(*args)
+        except RayActorError as error:
+            logger.warning("a replica died during a call (try %d of %d): %s", attempt + 1,
+                           retries + 1, type(error).__name__)  # fmt: skip
+    raise HTTPException(503, f"the model's replicas died {retries + 1} times; retry later")
+
+
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Ingress:
@@ -468,22 +487,6 @@ class Ingress:
             )
             for i, (_, asked) in enumerate(requests)
         ]
-
-
-async def _call(method, *args, retries: int = 2):
-    """Call a replica; when it dies with the call in flight, send the call again.
-
-    Encoder and heads compute pure functions of their inputs, so a second call is safe, and
-    Serve routes it to a live replica, or holds it until the replacement is up. Only a call
-    whose every try met a dying replica fails, as a 503 that the client may retry.
-    """
-    for attempt in range(retries + 1):
-        try:
-            return await method.remote(*args)
-        except RayActorError as error:
-            logger.warning("a replica died during a call (try %d of %d): %s", attempt + 1,
-                           retries + 1, type(error).__name__)  # fmt: skip
-    raise HTTPException(503, f"the model's replicas died {retries + 1} times; retry later")
 
 
 # -- the application -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from cmaclip.data.emoji import build_emoji
-from cmaclip.data.shards import DEFAULT_ROWS_PER_SHARD, SPLITS
+from cmaclip.data.shards import DEFAULT_MAX_SKIPPED_FRACTION, DEFAULT_ROWS_PER_SHARD, SPLITS
 from cmaclip.data.table import build_from_table
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,15 @@ def from_table_command(
     rows_per_shard: Annotated[
         int, typer.Option("--rows-per-shard", min=1)
     ] = DEFAULT_ROWS_PER_SHARD,
+    max_skipped_fraction: Annotated[
+        float,
+        typer.Option(
+            "--max-skipped-fraction",
+            min=0,
+            max=1,
+            help="Stop the build when more of the rows read are skipped than this.",
+        ),
+    ] = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> None:
     """Build a data set from a manifest naming one picture, a title and labels per row."""
     started = time.perf_counter()
@@ -112,6 +121,7 @@ def from_table_command(
         split_column=split_column,
         rows_per_shard=rows_per_shard,
         max_image_side=max_image_side,
+        max_skipped_fraction=max_skipped_fraction,
     )
     _echo_summary(info, out, time.perf_counter() - started)
 

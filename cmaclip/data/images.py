@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 40_000_000
+MAX_ASPECT = 20.0  # wider or taller images would be resized to a huge long side before cropping
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -29,7 +30,9 @@ class ImageTooLargeError(ImageDecodeError):
     """Raised when an image's header claims more pixels than allowed (a decompression bomb)."""
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = MAX_ASPECT
+) -> Image.Image:
     """Decode PNG, JPEG or any format PIL reads into a fully loaded RGB picture.
 
     Transparency is composited on white, because the encoders were trained on opaque pictures
@@ -39,7 +42,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 
     The size in the header is checked against ``max_pixels`` before any pixel is decoded, so a
     small file that claims to be enormous is refused at once. PIL's own process-wide limit
-    (``PIL.Image.MAX_IMAGE_PIXELS``) is left alone; it still applies as an upper bound.
+    (``PIL.Image.MAX_IMAGE_PIXELS``) is left alone; it still applies as an upper bound. A picture
+    more than ``max_aspect`` times wider than tall (or taller than wide) is refused too: the
+    encoders' resize would blow its long side up to thousands of pixels before cropping.
 
     Example:
         >>> clear = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
@@ -48,7 +53,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 
     Raises:
         ImageDecodeError: for empty bytes, bytes that are no picture, a truncated or corrupt
-            file, or a header that claims more than ``max_pixels`` pixels.
+            file, a header that claims more than ``max_pixels`` pixels, or a picture of an
+            aspect ratio beyond ``max_aspect``.
     """
     if not data:
         raise ImageDecodeError("empty image bytes")
@@ -73,6 +79,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         )
     if width == 0 or height == 0:
         raise ImageDecodeError(f"image has an empty size {width}x{height}")
+    if max(width, height) > max_aspect * min(width, height):
+        raise ImageDecodeError(f"aspect ratio of {width}x{height} exceeds {max_aspect:g}:1")
 
     # PIL plugins report corrupt or truncated data with many exception types, so any failure
     # while decoding pixels is treated as a bad file rather than a bug in the caller

@@ -18,8 +18,15 @@ import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cmaclip.data.images import MAX_ASPECT as MAX_ASPECT  # where the predictor reads it
 from cmaclip.data.images import ImageDecodeError, decode_image
-from cmaclip.data.shards import shard_files
+from cmaclip.data.shards import (
+    DATASET_INFO_FILE,
+    DEFAULT_MAX_SKIPPED_FRACTION,
+    check_skipped_budget,
+    read_dataset_info,
+    shard_files,
+)
 from cmaclip.model.encoders import register_model_configs
 
 logger = logging.getLogger(__name__)
@@ -27,7 +34,7 @@ logger = logging.getLogger(__name__)
 MISSING = -1  # label id for a missing (null) or unknown label: the row adds no loss for that task
 # what a training step reads of each preprocessed row (ids and error texts stay behind)
 TENSOR_COLUMNS = ["images", "text", "labels", "valid", "unknown_labels"]
-MAX_ASPECT = 20.0  # wider or taller images would be resized to a huge long side before cropping
+BUDGET_MIN_ROWS = 256  # rows a Preprocessor reads before its error budget applies
 
 
 @dataclass(frozen=True)
@@ -51,14 +58,30 @@ class InputSpec:
 class Preprocessor:
     """Turns a batch of shard rows into arrays: images, text ids, labels and a validity flag.
 
-    A row whose image does not decode is kept with `valid=False` (and a zero image) rather than
-    dropped, so that every consumer can count it: rows read = rows used + rows skipped.
+    A row whose image does not decode, or whose text is not valid UTF-8, is kept with
+    `valid=False` (a zero image, and the reason in `error`) rather than dropped, so that every
+    consumer can count it: rows read = rows used + rows skipped.
+
+    Each instance counts what it has read and stops, with `TooManySkippedError`, once it has seen
+    `BUDGET_MIN_ROWS` rows and more than `max_skipped_fraction` of them were skipped: a Ray Data
+    decoding actor sees only its own share of a split, and a stream has no end to wait for.
     """
 
-    def __init__(self, spec: InputSpec | dict[str, Any]):
+    def __init__(
+        self,
+        spec: InputSpec | dict[str, Any],
+        *,
+        max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+        where: str = "shards",
+    ):
         if isinstance(spec, dict):
             spec = InputSpec(**spec)
         self.spec = spec
+        self.max_skipped_fraction = max_skipped_fraction
+        self.where = where
+        self.rows_read = 0
+        self.rows_skipped = 0
+        self.reasons: list[str] = []
 
         register_model_configs()
         self.tokenizer = open_clip.get_tokenizer(spec.clip_name, context_length=spec.context_length)
@@ -67,32 +90,33 @@ class Preprocessor:
             task: {name: i for i, name in enumerate(names)} for task, names in spec.tasks.items()
         }
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        size = len(batch["id"])
+    def __call__(self, batch: pa.Table | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Preprocess a batch: an Arrow table (Ray Data, `local_batches`) or numpy columns."""
+        columns, text_errors = _row_columns(batch, ["id", "title", *self.class_index])
+        images_data = _column(batch, "image")
+        size = len(columns["id"])
         images = np.zeros((size, 3, self.spec.image_size, self.spec.image_size), np.float32)
         valid = np.ones(size, dtype=bool)
         errors = np.full(size, "", dtype=object)
 
-        for i, data in enumerate(batch["image"]):
+        for i, data in enumerate(images_data):
+            if text_errors[i]:
+                valid[i], errors[i] = False, text_errors[i]
+                continue
             try:
-                image = decode_image(data)
-                if max(image.size) > MAX_ASPECT * min(image.size):
-                    raise ImageDecodeError(
-                        f"aspect ratio of {image.size[0]}x{image.size[1]} exceeds {MAX_ASPECT:g}:1"
-                    )
-                images[i] = self.transform(image).numpy()
+                images[i] = self.transform(decode_image(data or b"")).numpy()
             except ImageDecodeError as error:
-                valid[i] = False
-                errors[i] = f"image: {error}"
-                logger.debug("row %s skipped: %s", batch["id"][i], error)
+                valid[i], errors[i] = False, f"image: {error}"
+            if not valid[i]:
+                logger.debug("row %s skipped: %s", columns["id"][i], errors[i])
 
-        titles = [title if isinstance(title, str) else "" for title in batch["title"]]
+        titles = [title if isinstance(title, str) else "" for title in columns["title"]]
         text = self.tokenizer(titles).numpy().astype(np.int64)  # [B, context_length]
 
         labels = np.full((size, len(self.class_index)), MISSING, dtype=np.int64)
         unknown = np.zeros(size, dtype=np.int64)
         for k, (task, index) in enumerate(self.class_index.items()):
-            for i, value in enumerate(batch[task]):
+            for i, value in enumerate(columns[task]):
                 if value is None:
                     continue
                 label = index.get(value)
@@ -101,8 +125,9 @@ class Preprocessor:
                 else:
                     labels[i, k] = label
 
+        self._count(columns["id"], valid, errors)
         return {
-            "id": np.asarray(batch["id"], dtype=object),
+            "id": np.asarray(columns["id"], dtype=object),
             "images": images,
             "text": text,
             "labels": labels,
@@ -110,6 +135,66 @@ class Preprocessor:
             "unknown_labels": unknown,
             "error": errors,
         }
+
+    def _count(self, ids: list[Any], valid: np.ndarray, errors: np.ndarray) -> None:
+        """Add a batch to this instance's counts and apply the error budget."""
+        self.rows_read += len(valid)
+        self.rows_skipped += int((~valid).sum())
+        for i in np.flatnonzero(~valid)[: 3 - len(self.reasons)]:
+            self.reasons.append(f"row {ids[i]}: {errors[i]}")
+        if self.rows_read >= BUDGET_MIN_ROWS:
+            check_skipped_budget(
+                self.rows_read,
+                self.rows_skipped,
+                self.max_skipped_fraction,
+                where=f"{self.where} (after {self.rows_read} rows)",
+                option="data.max_skipped_fraction",
+                reasons=self.reasons,
+            )
+
+
+def _column(batch: pa.Table | dict[str, np.ndarray], name: str) -> list[Any]:
+    if isinstance(batch, (pa.Table, pa.RecordBatch)):
+        return batch.column(name).to_pylist()
+    return list(batch[name])
+
+
+def _row_columns(
+    batch: pa.Table | dict[str, np.ndarray], names: list[str]
+) -> tuple[dict[str, list[Any]], list[str]]:
+    """Text columns as Python strings, and per row why its text is unusable ("" when it is fine).
+
+    Arrow does not check that a Parquet string column holds valid UTF-8, and converting a bad
+    value to Python raises for the whole batch; reading the bytes and decoding each value keeps
+    the damage to the row.
+    """
+    columns: dict[str, list[Any]] = {}
+    errors: list[str] = []
+    for name in names:
+        if isinstance(batch, (pa.Table, pa.RecordBatch)):
+            column = batch.column(name)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                column = column.cast(pa.large_binary())
+            values = column.to_pylist()
+        else:
+            values = list(batch[name])
+        if not errors:
+            errors = [""] * len(values)
+
+        text = []
+        for i, value in enumerate(values):
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    if not errors[i]:
+                        errors[i] = (
+                            f"{name}: not valid UTF-8 ({error.reason} at byte {error.start})"
+                        )
+                    value = value.decode("utf-8", errors="replace")
+            text.append(value)
+        columns[name] = text
+    return columns, errors
 
 
 def read_columns(tasks: dict[str, list[str]]) -> list[str]:
@@ -127,7 +212,10 @@ def _column_kind_ok(kind: pa.DataType, expected: str) -> bool:
 def check_shards(files: list[str], tasks: dict[str, list[str]]) -> None:
     """Refuse shards that lack a column or hold one of the wrong type, naming file and column.
 
-    Only the Parquet footers are read, so this is cheap enough to run before every job.
+    When the folder has a `dataset.json`, the shards of each split must also hold the rows it
+    counts: a shard left over from another build, or copied in by hand, would otherwise be read
+    as part of the data set without any word. Only the Parquet footers are read, so this is
+    cheap enough to run before every job.
     """
     expected = {
         "id": "string",
@@ -135,8 +223,10 @@ def check_shards(files: list[str], tasks: dict[str, list[str]]) -> None:
         "title": "string",
         **dict.fromkeys(tasks, "string"),
     }
+    rows: dict[tuple[Path, str], dict[str, int]] = {}
     for path in files:
-        schema = pq.read_schema(path)
+        metadata = pq.read_metadata(path)
+        schema = metadata.schema.to_arrow_schema()
         missing = [name for name in expected if name not in schema.names]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}")
@@ -145,6 +235,19 @@ def check_shards(files: list[str], tasks: dict[str, list[str]]) -> None:
                 raise ValueError(
                     f"{path}: column {name!r} is {schema.field(name).type}, expected {kind}"
                 )
+        split = Path(path).name.partition("-")[0]
+        rows.setdefault((Path(path).parent, split), {})[Path(path).name] = metadata.num_rows
+
+    for (folder, split), counts in rows.items():
+        if not (folder / DATASET_INFO_FILE).is_file():
+            continue
+        counted = read_dataset_info(folder)["rows"].get(split)
+        if counted is not None and sum(counts.values()) != counted:
+            raise ValueError(
+                f"{folder}: the {split} shards {sorted(counts)} hold {sum(counts.values())} "
+                f"rows, but {folder / DATASET_INFO_FILE} counts {counted}: a shard is missing "
+                f"or comes from another build; rebuild the data set"
+            )
 
 
 def ray_dataset(
@@ -156,6 +259,7 @@ def ray_dataset(
     preprocess_cpus: float = 0.5,
     read_cpus: float = 0.25,
     shuffle_files: bool = False,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
 ):
     """A streaming Ray Dataset of preprocessed rows of one split.
 
@@ -165,6 +269,8 @@ def ray_dataset(
 
     CPU reservations are fractional by default: on a two-core machine one training worker holds
     a whole CPU, and Ray Data must still fit its read tasks and decoding actors beside it.
+    Batches reach the decoding actors as Arrow tables, so a text value that is not UTF-8 costs
+    its row, not the batch.
     """
     import ray.data
 
@@ -178,8 +284,12 @@ def ray_dataset(
     )
     return dataset.map_batches(
         Preprocessor,
-        fn_constructor_kwargs={"spec": spec.to_dict()},
-        batch_format="numpy",
+        fn_constructor_kwargs={
+            "spec": spec.to_dict(),
+            "max_skipped_fraction": max_skipped_fraction,
+            "where": f"{data_dir} {split}",
+        },
+        batch_format="pyarrow",
         batch_size=64,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=preprocess_cpus,
@@ -187,18 +297,23 @@ def ray_dataset(
 
 
 def local_batches(
-    data_dir: str | Path, split: str, spec: InputSpec, *, batch_size: int = 64
-) -> Iterator[dict[str, np.ndarray]]:
-    """Preprocessed batches read in this process, one Parquet row group at a time."""
-    preprocess = Preprocessor(spec)
+    data_dir: str | Path,
+    split: str,
+    spec: InputSpec,
+    *,
+    batch_size: int = 64,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+) -> Iterator[dict[str, Any]]:
+    """Preprocessed batches read in this process, one Parquet row group at a time.
+
+    Each batch also names its shard under `file`, for the reports of skipped rows.
+    """
+    preprocess = Preprocessor(
+        spec, max_skipped_fraction=max_skipped_fraction, where=f"{data_dir} {split}"
+    )
     files = shard_files(data_dir, split)
     check_shards(files, spec.tasks)
     for path in files:
         parquet = pq.ParquetFile(path)
         for record_batch in parquet.iter_batches(batch_size, columns=read_columns(spec.tasks)):
-            columns = {
-                name: record_batch.column(name).to_pylist() for name in record_batch.schema.names
-            }
-            yield preprocess(
-                {name: np.asarray(values, dtype=object) for name, values in columns.items()}
-            )
+            yield {**preprocess(record_batch), "file": path}

@@ -30,6 +30,9 @@ FORMAT_VERSION = 1
 DATASET_INFO_FILE = "dataset.json"
 DEFAULT_ROWS_PER_SHARD = 2000
 MAX_SKIPPED_ENTRIES = 200
+# more skipped rows than this (as a fraction of rows read) stops a build, a training run or an
+# evaluation: such data is mostly broken, and a model trained on the rest would mislead
+DEFAULT_MAX_SKIPPED_FRACTION = 0.5
 
 FIXED_COLUMNS = ("id", "image", "title", "split")
 
@@ -87,6 +90,45 @@ class SkippedRows:
             logger.warning("skipped row %s (%s): %s", row, file, reason)
         else:
             logger.debug("skipped row %s (%s): %s", row, file, reason)
+
+    def reasons(self) -> list[str]:
+        """``row: reason`` for each named row, for error messages."""
+        return [f"{entry['row']}: {entry['reason']}" for entry in self.entries]
+
+
+class TooManySkippedError(ValueError):
+    """Raised when the skipped rows pass the error budget; the message says where and why."""
+
+
+def check_skipped_budget(
+    read: int,
+    skipped: int,
+    max_fraction: float,
+    *,
+    where: str,
+    option: str,
+    reasons: Sequence[str] = (),
+) -> None:
+    """Stop when no row is usable, or when more than ``max_fraction`` of the rows read were skipped.
+
+    ``option`` is the setting that raises the budget (``--max-skipped-fraction`` for a build,
+    ``data.max_skipped_fraction`` for training and evaluation), so the message says what to
+    change when the data is known to be this bad.
+    """
+    if read == 0:
+        return
+    fraction = skipped / read
+    if skipped < read and fraction <= max_fraction:
+        return
+
+    shown = "; ".join(list(reasons)[:3])
+    first = f"; first reasons: {shown}" if shown else ""
+    if skipped == read:
+        raise TooManySkippedError(f"{where}: all {read} rows read were skipped{first}")
+    raise TooManySkippedError(
+        f"{where}: {skipped} of {read} rows skipped ({fraction:.1%}), more than "
+        f"{option}={max_fraction:g}{first}. Fix the data, or raise {option} to accept it"
+    )
 
 
 class ShardWriter:

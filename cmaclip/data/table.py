@@ -25,10 +25,12 @@ from PIL import Image
 
 from cmaclip.data.images import ImageDecodeError, decode_image, encode_png
 from cmaclip.data.shards import (
+    DEFAULT_MAX_SKIPPED_FRACTION,
     DEFAULT_ROWS_PER_SHARD,
     SPLITS,
     ShardWriter,
     SkippedRows,
+    check_skipped_budget,
     make_dataset_info,
     write_dataset_info,
 )
@@ -66,6 +68,7 @@ def build_from_table(
     split_column: str | None = None,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     max_image_side: int | None = None,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> dict[str, Any]:
     """Build shards from a manifest table and return the ``dataset.json`` content.
 
@@ -84,9 +87,13 @@ def build_from_table(
         max_image_side: downscale larger pictures so their longer side is this many pixels
             (stored as PNG); by default the original PNG or JPEG bytes are stored unchanged,
             and pictures in other formats are stored as PNG.
+        max_skipped_fraction: the error budget; more skipped rows than this fraction of the
+            rows read (or no usable row at all) stops the build, and the previous data set in
+            ``out_dir``, if any, stays as it was.
 
-    Rows whose picture is missing or cannot be decoded, and rows that repeat an earlier id,
-    are left out and counted in ``rows_skipped``.
+    Rows whose picture is missing or cannot be decoded, rows with text that is not valid UTF-8,
+    and rows that repeat the id of a row already written are left out and counted in
+    ``rows_skipped``.
 
     Example:
         >>> build_from_table(
@@ -102,6 +109,8 @@ def build_from_table(
         raise ValueError("task_columns is empty: name at least one task column")
     if max_image_side is not None and max_image_side < 1:
         raise ValueError(f"max_image_side must be at least 1, got {max_image_side}")
+    if not 0 <= max_skipped_fraction <= 1:
+        raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
     root = Path(image_root) if image_root is not None else manifest.parent
     started = time.perf_counter()
 
@@ -112,7 +121,7 @@ def build_from_table(
 
     skipped = SkippedRows()
     classes: dict[str, set[str]] = {task: set() for task in task_columns}
-    seen_ids: set[str] = set()
+    written_ids: set[str] = set()
     rows_read = 0
 
     with (
@@ -120,22 +129,29 @@ def build_from_table(
         ThreadPoolExecutor(_DECODE_THREADS) as pool,
     ):
         for batch in batches:
-            records = batch.to_pylist()
-            paths = [record[image_column] for record in records]
+            records = [_decoded(record) for record in batch.to_pylist()]
+            paths = [record.get(image_column) for record in records]
             pictures = pool.map(lambda path: _load_picture(path, root, max_image_side), paths)
 
             for record, picture in zip(records, pictures, strict=True):
-                row_number = rows_read
                 rows_read += 1
-                row_id = str(row_number) if id_column is None else record[id_column]
+                # messages count manifest rows from 1 (the header not counted); a default id
+                # stays the 0-based row number, so existing data sets keep their splits
+                where = f"manifest row {rows_read}"
+                row_id = str(rows_read - 1) if id_column is None else record.get(id_column)
+                name = row_id or where
 
+                if "_utf8" in record:
+                    skipped.add(picture.path, name, record["_utf8"])
+                    continue
                 if not row_id:
-                    skipped.add(picture.path, f"row {row_number}", "empty id")
+                    skipped.add(picture.path, where, "empty id")
                     continue
-                if row_id in seen_ids:
-                    skipped.add(picture.path, row_id, "duplicate id")
+                # a duplicate is a repeat of a row already written: when the first copy was
+                # skipped for its picture, a later copy with a good picture is kept
+                if row_id in written_ids:
+                    skipped.add(picture.path, row_id, f"duplicate id ({where})")
                     continue
-                seen_ids.add(row_id)
                 if picture.data is None:
                     skipped.add(picture.path, row_id, picture.reason or "unreadable image")
                     continue
@@ -147,8 +163,11 @@ def build_from_table(
                     **{task: record[task] for task in task_columns},
                 }
                 if split_column is not None:
-                    row["split"] = _checked_split(record[split_column], row_id, split_column)
+                    row["split"] = _checked_split(
+                        record[split_column], f"{manifest}: {where} (id {row_id!r})", split_column
+                    )
                 writer.add(row)
+                written_ids.add(row_id)
                 for task in task_columns:
                     if record[task] is not None:
                         classes[task].add(record[task])
@@ -157,6 +176,16 @@ def build_from_table(
                     logger.info(
                         "%s: %d rows read, %d skipped", manifest.name, rows_read, skipped.count
                     )
+
+        # inside the writer's block: a refused build leaves the previous data set in place
+        check_skipped_budget(
+            rows_read,
+            skipped.count,
+            max_skipped_fraction,
+            where=f"building {out_dir} from {manifest}",
+            option="--max-skipped-fraction",
+            reasons=skipped.reasons(),
+        )
 
     info = make_dataset_info(
         name=manifest.stem,
@@ -202,7 +231,7 @@ def _read_batches(manifest: Path, columns: list[str]) -> Iterator[pa.RecordBatch
             present = pa_csv.open_csv(manifest).schema.names
             _check_columns(manifest, columns, present)
             convert = pa_csv.ConvertOptions(
-                column_types=dict.fromkeys(columns, pa.string()),
+                column_types=dict.fromkeys(columns, pa.binary()),
                 include_columns=columns,
                 strings_can_be_null=True,
                 null_values=[""],
@@ -224,13 +253,15 @@ def _read_batches(manifest: Path, columns: list[str]) -> Iterator[pa.RecordBatch
 def _as_strings(
     manifest: Path, kind: str, reader: Any, columns: list[str]
 ) -> Iterator[pa.RecordBatch]:
-    """Yield batches of at most ``_BATCH_ROWS`` rows with every needed column cast to string.
+    """Yield batches of at most ``_BATCH_ROWS`` rows with every needed column as UTF-8 bytes.
 
     Ids and labels may be stored as numbers; casting keeps ``7`` and ``"7"`` the same class.
+    The text stays bytes here, because Arrow does not check that string columns read from CSV,
+    JSON or Parquet are valid UTF-8: :func:`_decoded` decodes each row and names what is wrong.
     """
     try:
         for batch in reader:
-            arrays = [pc.cast(batch.column(column), pa.string()) for column in columns]
+            arrays = [_as_bytes(batch.column(column)) for column in columns]
             table_batch = pa.RecordBatch.from_arrays(arrays, names=columns)
             for offset in range(0, table_batch.num_rows, _BATCH_ROWS):
                 yield table_batch.slice(offset, _BATCH_ROWS)
@@ -241,6 +272,30 @@ def _as_strings(
         raise ValueError(f"cannot read manifest {manifest} as {kind}{hint}: {error}") from error
 
 
+def _as_bytes(column: pa.Array) -> pa.Array:
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        return column
+    return pc.cast(pc.cast(column, pa.string()), pa.binary())
+
+
+def _decoded(record: dict[str, bytes | None]) -> dict[str, Any]:
+    """A manifest row as text; a value that is not UTF-8 sets ``_utf8`` to the reason."""
+    decoded: dict[str, Any] = {}
+    for column, value in record.items():
+        if value is None:
+            decoded[column] = None
+            continue
+        try:
+            decoded[column] = value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            decoded[column] = value.decode("utf-8", errors="replace")
+            decoded.setdefault(
+                "_utf8",
+                f"column {column!r} is not valid UTF-8 ({error.reason} at byte {error.start})",
+            )
+    return decoded
+
+
 def _check_columns(manifest: Path, wanted: list[str], present: Sequence[str]) -> None:
     missing = [column for column in wanted if column not in present]
     if missing:
@@ -249,10 +304,10 @@ def _check_columns(manifest: Path, wanted: list[str], present: Sequence[str]) ->
         )
 
 
-def _checked_split(value: str | None, row_id: str, split_column: str) -> str:
+def _checked_split(value: str | None, where: str, split_column: str) -> str:
     if value not in SPLITS:
         raise ValueError(
-            f"row {row_id}: column {split_column!r} holds {value!r}; "
+            f"{where}: column {split_column!r} holds {value!r}; "
             f"split values must be one of {SPLITS}"
         )
     return value
