@@ -229,3 +229,41 @@ def test_extreme_aspect_ratio_is_skipped_not_resized():
     assert out["valid"].tolist() == [False, True]
     assert "aspect ratio" in out["error"][0]
     assert out["labels"][:, 0].tolist() == [0, -1] and out["unknown_labels"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_read_out_positions_match_the_whole_encoder(layers):
+    """The last layer, run for the class and end-of-text tokens only, equals the whole encoder
+    at those positions: outputs and every parameter's gradient, in training mode."""
+    from cmaclip.model.attention import SequenceAttention
+
+    torch.manual_seed(0)
+    attention = SequenceAttention(width=64, layers=layers, heads=4, dropout=0.0).train()
+    image, text = torch.randn(6, 17, 64), torch.randn(6, 9, 64)
+    eot_index = torch.tensor([0, 2, 8, 4, 8, 1])
+    text_padding = torch.arange(9) > eot_index[:, None]
+
+    def whole_encoder():
+        padding = torch.cat([text_padding.new_zeros(6, 17), text_padding], dim=1)
+        out = attention.norm(
+            attention.encoder(torch.cat([image, text], dim=1), src_key_padding_mask=padding)
+        )
+        return out[:, 0], out[torch.arange(6), 17 + eot_index]
+
+    parameters = list(attention.parameters())
+    read_out = attention(image, text, text_padding, eot_index)
+    reference = whole_encoder()
+    for ours, theirs in zip(read_out, reference, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+    ours = torch.autograd.grad(sum(x.pow(2).sum() for x in read_out), parameters)
+    theirs = torch.autograd.grad(sum(x.pow(2).sum() for x in reference), parameters)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_sequence_attention_needs_a_layer():
+    from cmaclip.model.attention import SequenceAttention
+
+    with pytest.raises(ValueError, match="model.layers is 0"):
+        SequenceAttention(width=64, layers=0, heads=4, dropout=0.0)

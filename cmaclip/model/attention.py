@@ -22,7 +22,13 @@ class SequenceAttention(nn.Module):
         super().__init__()
         if width % heads:
             raise ValueError(f"model.width ({width}) must be divisible by model.heads ({heads})")
+        if layers < 1:
+            raise ValueError(
+                f"model.layers is {layers}: sequence-wise attention needs at least one layer "
+                f"(set model.sequence_attention: false to go without it)"
+            )
 
+        # norm_first is what `_readout_layer` computes; the last layer runs through it
         layer = nn.TransformerEncoderLayer(
             d_model=width,
             nhead=heads,
@@ -49,12 +55,38 @@ class SequenceAttention(nn.Module):
         image_padding = text_padding.new_zeros(batch, image_len)
         padding = torch.cat([image_padding, text_padding], dim=1)  # [B, 1 + P + L]
 
-        out = self.norm(self.encoder(sequence, src_key_padding_mask=padding))
+        *inner, last = self.encoder.layers
+        for layer in inner:
+            sequence = layer(sequence, src_key_padding_mask=padding)
 
-        rows = torch.arange(batch, device=out.device)
-        image_embedding = out[:, 0]  # [B, W], the image class token
-        text_embedding = out[rows, image_len + eot_index]  # [B, W], the end-of-text token
-        return image_embedding, text_embedding
+        # only two positions of the last layer are read out: the image class token and the
+        # end-of-text token
+        readout = torch.stack([torch.zeros_like(eot_index), image_len + eot_index], dim=1)
+        out = self.norm(_readout_layer(last, sequence, readout, padding))  # [B, 2, W]
+        return out[:, 0], out[:, 1]
+
+
+def _readout_layer(
+    layer: nn.TransformerEncoderLayer,
+    sequence: torch.Tensor,
+    positions: torch.Tensor,
+    padding: torch.Tensor,
+) -> torch.Tensor:
+    """A pre-norm encoder layer's output at `positions` [B, Q] only, as [B, Q, W].
+
+    Every token still serves as key and value, but queries, the feed-forward block and the
+    residuals run for the read-out positions alone: the same numbers as the whole layer's output
+    at those positions, for about a sixth of the layer's arithmetic at the demo's lengths.
+    """
+    index = positions.unsqueeze(-1).expand(-1, -1, sequence.shape[-1])  # [B, Q, W]
+    keys = layer.norm1(sequence)  # [B, S, W]
+    x = sequence.gather(1, index)  # [B, Q, W]
+    attended = layer.self_attn(
+        keys.gather(1, index), keys, keys, key_padding_mask=padding, need_weights=False
+    )[0]
+    x = x + layer.dropout1(attended)
+    hidden = layer.dropout(layer.activation(layer.linear1(layer.norm2(x))))
+    return x + layer.dropout2(layer.linear2(hidden))
 
 
 class ModalityAttention(nn.Module):
