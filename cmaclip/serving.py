@@ -256,6 +256,24 @@ def _item_error(error: ItemError, where: str = "") -> HTTPException:
     return HTTPException(status_code=error.status, detail=f"{where}{error}")
 
 
+# `serve.ingress` copies the class it decorates by pickling it, there and then: a module-level
+# name that the Ingress methods use must already exist above it, or replicas raise NameError.
+async def _call(method, *args, retries: int = 2):
+    """Call a replica; when it dies with the call in flight, send the call again.
+
+    Encoder and heads compute pure functions of their inputs, so a second call is safe, and
+    Serve routes it to a live replica, or holds it until the replacement is up. Only a call
+    whose every try met a dying replica fails, as a 503 that the client may retry.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return await method.remote(*args)
+        except RayActorError as error:
+            logger.warning("a replica died during a call (try %d of %d): %s", attempt + 1,
+                           retries + 1, type(error).__name__)  # fmt: skip
+    raise HTTPException(503, f"the model's replicas died {retries + 1} times; retry later")
+
+
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Ingress:
@@ -468,22 +486,6 @@ class Ingress:
             )
             for i, (_, asked) in enumerate(requests)
         ]
-
-
-async def _call(method, *args, retries: int = 2):
-    """Call a replica; when it dies with the call in flight, send the call again.
-
-    Encoder and heads compute pure functions of their inputs, so a second call is safe, and
-    Serve routes it to a live replica, or holds it until the replacement is up. Only a call
-    whose every try met a dying replica fails, as a 503 that the client may retry.
-    """
-    for attempt in range(retries + 1):
-        try:
-            return await method.remote(*args)
-        except RayActorError as error:
-            logger.warning("a replica died during a call (try %d of %d): %s", attempt + 1,
-                           retries + 1, type(error).__name__)  # fmt: skip
-    raise HTTPException(503, f"the model's replicas died {retries + 1} times; retry later")
 
 
 # -- the application -----------------------------------------------------------------------------
