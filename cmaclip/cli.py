@@ -56,17 +56,31 @@ def evaluate(
     model: Annotated[Path, typer.Option(help="An exported model folder, e.g. runs/NAME/model")],
     data: Annotated[Path, typer.Option(help="A shard folder with dataset.json")],
     split: Annotated[str, typer.Option(help="train, val or test")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Where to write report.json")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to write report.json; figures and report.html go beside it"),
+    ] = None,
+    noise: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also score with a fraction of rows corrupted, KIND:RATE[:PARAM]; repeatable. "
+            "Kinds: title_swap, title_empty, title_extra (PARAM words, 3), image_swap, "
+            "image_blank, image_gaussian (PARAM sigma in [0, 1] pixel units, 0.25)"
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Which rows noise corrupts, and how")] = 0,
 ) -> None:
-    """Score a model on a shard folder and print the per-task table."""
+    """Score a model on a shard folder and print the per-task table (and one per noise)."""
     from cmaclip.evaluate import evaluate as run_evaluation
     from cmaclip.evaluate import format_table
+    from cmaclip.noise import parse_noise
 
     setup_logging()
-    report = run_evaluation(model, data, split, out)
+    settings = [parse_noise(item) for item in noise or []]
+    report = run_evaluation(model, data, split, out, noise=settings, seed=seed)
     typer.echo(format_table(report))
     if out:
-        typer.echo(f"report: {out}")
+        typer.echo(f"report: {out} (and {out.with_suffix('.html')})")
 
 
 @app.command()

@@ -186,19 +186,36 @@ def ray_dataset(
     )
 
 
+def raw_batches(
+    data_dir: str | Path,
+    split: str,
+    tasks: dict[str, list[str]],
+    *,
+    batch_size: int = 64,
+    columns: list[str] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Shard rows of one split read in this process as object arrays, one row group at a time.
+
+    This is what `Preprocessor` takes; evaluation under noise changes titles or image bytes
+    here, before they are decoded and tokenized.
+    """
+    files = shard_files(data_dir, split)
+    check_shards(files, tasks)
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        for record_batch in parquet.iter_batches(
+            batch_size, columns=columns or read_columns(tasks)
+        ):
+            yield {
+                name: np.asarray(record_batch.column(name).to_pylist(), dtype=object)
+                for name in record_batch.schema.names
+            }
+
+
 def local_batches(
     data_dir: str | Path, split: str, spec: InputSpec, *, batch_size: int = 64
 ) -> Iterator[dict[str, np.ndarray]]:
     """Preprocessed batches read in this process, one Parquet row group at a time."""
     preprocess = Preprocessor(spec)
-    files = shard_files(data_dir, split)
-    check_shards(files, spec.tasks)
-    for path in files:
-        parquet = pq.ParquetFile(path)
-        for record_batch in parquet.iter_batches(batch_size, columns=read_columns(spec.tasks)):
-            columns = {
-                name: record_batch.column(name).to_pylist() for name in record_batch.schema.names
-            }
-            yield preprocess(
-                {name: np.asarray(values, dtype=object) for name, values in columns.items()}
-            )
+    for batch in raw_batches(data_dir, split, spec.tasks, batch_size=batch_size):
+        yield preprocess(batch)

@@ -9,7 +9,6 @@ evaluate the test split and write `report.json`.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -22,7 +21,7 @@ from cmaclip import tracking
 from cmaclip.config import Config, config_to_dict, flatten, resolve_path
 from cmaclip.data.pipeline import TENSOR_COLUMNS, InputSpec, check_shards, ray_dataset
 from cmaclip.data.shards import read_dataset_info, shard_files
-from cmaclip.evaluate import evaluate_model, precision_thresholds
+from cmaclip.evaluate import Evaluation, evaluate_model, precision_thresholds, write_report
 from cmaclip.export import input_spec, load_model, save_model
 from cmaclip.model.cmaclip import CMACLIP, count_parameters
 
@@ -267,10 +266,12 @@ def train(config: Config) -> dict[str, Any]:
             logger.info("stage %s done: best epoch %d, score %.4f", stage, metrics["epoch"],
                         metrics["score"])  # fmt: skip
 
-        report = _export_and_evaluate(config, weights, data_dir, stages, uri, parent)
+        evaluation = _export_and_evaluate(config, weights, data_dir, stages, uri, parent)
+        report = evaluation.report
         report["seconds"] = round(time.perf_counter() - started, 1)
-        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-        tracking.log_artifacts(uri, parent, run_dir / "report.json")
+        # report.json, report.html and report-figures/ (confusion, precision-recall, lambda_I)
+        for path in write_report(evaluation, run_dir / "report.json"):
+            tracking.log_artifacts(uri, parent, path, path.name if path.is_dir() else None)
         status = "FINISHED"
         return report
     finally:
@@ -279,7 +280,7 @@ def train(config: Config) -> dict[str, Any]:
 
 def _export_and_evaluate(
     config: Config, weights: Path, data_dir: Path, stages: dict, uri: str, parent: str
-) -> dict[str, Any]:
+) -> Evaluation:
     """Export `model/` with precision thresholds from the validation split; score the test split."""
     run_dir = config.run_dir()
     model, _ = load_model(weights)
@@ -292,12 +293,13 @@ def _export_and_evaluate(
         {"run": config.run.name, "stages": stages, "thresholds": {"precision_0.9": thresholds}},
     )
 
-    report = evaluate_model(model, data_dir, split="test").report
+    evaluation = evaluate_model(model, data_dir, split="test")
+    report = evaluation.report
     report["run"] = config.run.name
     report["stages"] = stages
     tracking.log_metrics(uri, parent, flatten_report(report), step=0)
     tracking.log_artifacts(uri, parent, run_dir / "model", "model")
-    return report
+    return evaluation
 
 
 def flatten_report(report: dict[str, Any]) -> dict[str, float]:
