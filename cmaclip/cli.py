@@ -151,6 +151,38 @@ def predict(
 
 
 @app.command()
+def explain(
+    model: Annotated[str, typer.Option(help="Model folder (runs/NAME/model) or runs:/ID/model")],
+    image: Annotated[Path, typer.Option(help="An image file")],
+    title: Annotated[str, typer.Option(help="The item's title")],
+    out: Annotated[Path, typer.Option(help="The PNG to write")],
+    token: Annotated[
+        str | None,
+        typer.Option(help="The word of the title to show; default: the one most on the image"),
+    ] = None,
+    layer: Annotated[int, typer.Option(help="Sequence-wise layer, a Python index")] = -1,
+) -> None:
+    """Draw where a word of the title attends in the image, with each task's answer and λ_I."""
+    from cmaclip.explain import explain as run_explain
+    from cmaclip.explain import write_explanation
+
+    setup_logging()
+    explanation = run_explain(model, image.read_bytes(), title, token=token, layer=layer)
+    write_explanation(explanation, out)
+    summary = {
+        "word": explanation.word.text,
+        "layer": explanation.layer,
+        "image_share": round(explanation.image_share, 4),
+        "tasks": {
+            task: {key: answer[key] for key in ("label", "probability", "image_weight")}
+            for task, answer in explanation.answer["tasks"].items()
+        },
+    }
+    typer.echo(json.dumps(summary))
+    typer.echo(f"figure: {out}")
+
+
+@app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Model folder (runs/NAME/model) or runs:/ID/model")],
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
