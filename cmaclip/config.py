@@ -113,6 +113,11 @@ class RunConfig(_Strict):
     )
     seed: int = 0
     max_failures: int = 0
+    init_encoders: str | None = Field(
+        default=None,
+        description="A checkpoint or model folder whose CLIP encoders the run starts from (e.g. "
+        "another run's checkpoints/contrastive); fusion and heads start fresh.",
+    )
 
 
 class Config(_Strict):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from cmaclip import tracking
@@ -22,7 +23,7 @@ from cmaclip.config import Config, config_to_dict, flatten, resolve_path
 from cmaclip.data.pipeline import TENSOR_COLUMNS, InputSpec, check_shards, ray_dataset
 from cmaclip.data.shards import read_dataset_info, shard_files
 from cmaclip.evaluate import Evaluation, evaluate_model, precision_thresholds, write_report
-from cmaclip.export import input_spec, load_model, save_model
+from cmaclip.export import input_spec, load_model, load_weights, save_model
 from cmaclip.model.cmaclip import CMACLIP, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -203,8 +204,11 @@ def stage_cache(
     return cache_dir
 
 
-def train(config: Config) -> dict[str, Any]:
-    """Run every enabled stage, export the model and evaluate it. Returns the report."""
+def train(config: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run every enabled stage, export the model and evaluate it. Returns the report.
+
+    With `parent_run_id` the run's MLflow run is nested under it (an experiment's run).
+    """
     started = time.perf_counter()
     data_dir = config.data_path()
     info = read_dataset_info(data_dir)
@@ -220,7 +224,11 @@ def train(config: Config) -> dict[str, Any]:
                 config.enabled_stages())  # fmt: skip
 
     # the initial weights: pretrained encoders (or a fresh init), shared by every worker
+    torch.manual_seed(config.run.seed)
     model = CMACLIP(config.model, tasks)
+    if config.run.init_encoders:
+        load_weights(model, resolve_path(config.run.init_encoders), parts=("encoders.",))
+        logger.info("encoders from %s", config.run.init_encoders)
     weights = save_model(model, run_dir / "checkpoints" / "init", {"stage": "init"})
     spec = input_spec(model)
     logger.info("model: %.2fM parameters", count_parameters(model) / 1e6)
@@ -228,7 +236,9 @@ def train(config: Config) -> dict[str, Any]:
 
     _ensure_ray(config)
     uri = tracking.tracking_uri(config.tracking.tracking_uri)
-    parent = tracking.start_run(uri, config.tracking.experiment, config.run.name)
+    parent = tracking.start_run(
+        uri, config.tracking.experiment, config.run.name, parent_id=parent_run_id
+    )
     tracking.log_params(uri, parent, flatten(config_to_dict(config)))
     tracking.log_artifacts(uri, parent, run_dir / "config.yaml")
     logger.info("MLflow: %s, run %s", uri, parent)
