@@ -168,7 +168,7 @@ def explanation_figure(explanation: Explanation):
             f"    p = {answer['probability']:.2f}{flag}, λ_I = {answer['image_weight']:.3f}"
         )
     shares = sorted(explanation.word_shares.items(), key=lambda item: -item[1])[:8]
-    lines += ["", "attention on the image, per word:"]
+    lines += ["", "attention on the image patches, per word:"]
     lines += [f"    {word}: {share:.1%}" for word, share in shares]
     fig.text(0.58, 0.9, "\n".join(lines), va="top", ha="left", fontsize=10, family="monospace")
     return fig
