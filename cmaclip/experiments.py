@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from cmaclip import tracking
 from cmaclip.config import Config, config_to_dict, flatten, resolve_path
@@ -138,8 +139,6 @@ def ablation(
     state.setdefault("variants", {})
 
     # the encoders as configured (pretrained or a fresh init), for the zero-shot CLIP row
-    import torch
-
     torch.manual_seed(config.run.seed)
     configured = save_model(CMACLIP(config.model, tasks), root / "configured", {"stage": "init"})
 
@@ -324,6 +323,7 @@ def noise_grid(
         }
         logger.info("noise grid: %s done", name)
     results["seconds"] = round(time.perf_counter() - started, 1)
+    results["accuracy_lost"] = noise_summary(results)
 
     (root / "noise.json").write_text(json.dumps(results, indent=2))
     (root / "noise.md").write_text(format_noise(results) + "\n")
