@@ -47,7 +47,9 @@ class Explanation:
     heads: int
     patch_attention: np.ndarray  # [grid, grid]: the word's attention on each image patch
     image_share: float  # of the word's attention, the part on image tokens (class token too)
-    word_shares: dict[str, float]  # every word's attention share on the image patches
+    # every word's attention share on the image patches; a word that occurs twice is listed
+    # once, with its last occurrence's share (`--token` shows its first occurrence)
+    word_shares: dict[str, float]
     pixels: np.ndarray  # [S, S, 3] in [0, 1]: the image as the encoder saw it
     answer: dict[str, Any]  # as `cmaclip predict` answers
 

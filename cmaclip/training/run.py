@@ -4,7 +4,7 @@ Read top to bottom: validate the config against the data set, open the run folde
 parent run, build the initial weights once, then run each enabled stage as its own Ray Train
 `TorchTrainer` fit, each starting from the previous stage's best checkpoint. Finally export the
 last stage's best weights as `model/` (with its precision thresholds from the validation split),
-evaluate the test split and write `report.json`.
+evaluate the test split and write `report.json`, with its figures and `report.html` beside it.
 """
 
 from __future__ import annotations
