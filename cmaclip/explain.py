@@ -47,9 +47,9 @@ class Explanation:
     heads: int
     patch_attention: np.ndarray  # [grid, grid]: the word's attention on each image patch
     image_share: float  # of the word's attention, the part on image tokens (class token too)
-    # every word's attention share on the image patches; a word that occurs twice is listed
-    # once, with its last occurrence's share (`--token` shows its first occurrence)
-    word_shares: dict[str, float]
+    # each word's attention share on the image patches, in title order (`--token` picks the
+    # first occurrence of a repeated word, the default the word with the largest share)
+    word_shares: list[tuple[str, float]]
     pixels: np.ndarray  # [S, S, 3] in [0, 1]: the image as the encoder saw it
     answer: dict[str, Any]  # as `cmaclip predict` answers
 
@@ -108,9 +108,10 @@ def explain(
     def rows(word: Word) -> np.ndarray:
         return attention[[image_len + p for p in word.positions]].mean(axis=0)  # [S]
 
-    shares = {word.text: float(rows(word)[1:image_len].sum()) for word in words}
+    share = [float(rows(word)[1:image_len].sum()) for word in words]
+    shares = [(word.text, value) for word, value in zip(words, share, strict=True)]
     if token is None:
-        chosen = max(words, key=lambda word: shares[word.text])
+        chosen = words[int(np.argmax(share))]
     else:
         wanted = token.strip().lower()
         matches = [word for word in words if word.text == wanted]
@@ -169,7 +170,7 @@ def explanation_figure(explanation: Explanation):
         lines.append(
             f"    p = {answer['probability']:.2f}{flag}, λ_I = {answer['image_weight']:.3f}"
         )
-    shares = sorted(explanation.word_shares.items(), key=lambda item: -item[1])[:8]
+    shares = sorted(explanation.word_shares, key=lambda item: -item[1])[:8]
     lines += ["", "attention on the image patches, per word:"]
     lines += [f"    {word}: {share:.1%}" for word, share in shares]
     fig.text(0.58, 0.9, "\n".join(lines), va="top", ha="left", fontsize=10, family="monospace")
