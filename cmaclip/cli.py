@@ -72,21 +72,38 @@ def evaluate(
     model: Annotated[Path, typer.Option(help="An exported model folder, e.g. runs/NAME/model")],
     data: Annotated[Path, typer.Option(help="A shard folder with dataset.json")],
     split: Annotated[str, typer.Option(help="train, val or test")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Where to write report.json")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to write report.json; figures and report.html go beside it"),
+    ] = None,
+    noise: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also score with a fraction of rows corrupted, KIND:RATE[:PARAM]; repeatable. "
+            "Kinds: title_swap, title_empty, title_extra (PARAM words, 3), image_swap, "
+            "image_blank, image_gaussian (PARAM sigma in [0, 1] pixel units, 0.25)"
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Which rows noise corrupts, and how")] = 0,
     max_skipped_fraction: Annotated[
         float,
         typer.Option(min=0, max=1, help="Stop when more of the rows read are skipped than this"),
     ] = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> None:
-    """Score a model on a shard folder and print the per-task table."""
+    """Score a model on a shard folder and print the per-task table (and one per noise)."""
     from cmaclip.evaluate import evaluate as run_evaluation
     from cmaclip.evaluate import format_table
+    from cmaclip.noise import parse_noise
 
     setup_logging()
-    report = run_evaluation(model, data, split, out, max_skipped_fraction=max_skipped_fraction)
+    settings = [parse_noise(item) for item in noise or []]
+    report = run_evaluation(
+        model, data, split, out, noise=settings, seed=seed,
+        max_skipped_fraction=max_skipped_fraction,
+    )  # fmt: skip
     typer.echo(format_table(report))
     if out:
-        typer.echo(f"report: {out}")
+        typer.echo(f"report: {out} (and {out.with_suffix('.html')})")
 
 
 @app.command()
@@ -154,6 +171,38 @@ def predict(
     for start in range(0, len(items), batch_size):
         answers = predictor.predict(items[start : start + batch_size], tasks=wanted, top_k=top_k)
         typer.echo(to_json(answers))
+
+
+@app.command()
+def explain(
+    model: Annotated[str, typer.Option(help="Model folder (runs/NAME/model) or runs:/ID/model")],
+    image: Annotated[Path, typer.Option(help="An image file")],
+    title: Annotated[str, typer.Option(help="The item's title")],
+    out: Annotated[Path, typer.Option(help="The PNG to write")],
+    token: Annotated[
+        str | None,
+        typer.Option(help="The word of the title to show; default: the one most on the image"),
+    ] = None,
+    layer: Annotated[int, typer.Option(help="Sequence-wise layer, a Python index")] = -1,
+) -> None:
+    """Draw where a word of the title attends in the image, with each task's answer and λ_I."""
+    from cmaclip.explain import explain as run_explain
+    from cmaclip.explain import write_explanation
+
+    setup_logging()
+    explanation = run_explain(model, image.read_bytes(), title, token=token, layer=layer)
+    write_explanation(explanation, out)
+    summary = {
+        "word": explanation.word.text,
+        "layer": explanation.layer,
+        "image_share": round(explanation.image_share, 4),
+        "tasks": {
+            task: {key: answer[key] for key in ("label", "probability", "image_weight")}
+            for task, answer in explanation.answer["tasks"].items()
+        },
+    }
+    typer.echo(json.dumps(summary))
+    typer.echo(f"figure: {out}")
 
 
 @app.command()
@@ -233,6 +282,75 @@ def tune(
     if report["best"]:
         typer.echo(f"best config: {report['best']['config']}")
     typer.echo(f"ranking: {search_config.search_dir() / 'ranking.json'}")
+
+
+experiment_app = typer.Typer(
+    help="The paper's comparisons on your data: ablation table, noise robustness.",
+    no_args_is_help=True,
+)
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("ablation")
+def experiment_ablation(
+    config: Annotated[Path, typer.Option(help="Training config, e.g. configs/emoji.yaml")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key for every variant: key.sub=value"),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Folder under run.root; default <run.name>-ablation")
+    ] = None,
+    contrastive: Annotated[
+        Path | None,
+        typer.Option(help="A contrastive checkpoint every variant starts from (else trained once)"),
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only this variant; repeatable")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Keep the variants already finished")] = False,
+    template: Annotated[
+        str | None, typer.Option(help='Zero-shot prompt, default "a photo of a {class}"')
+    ] = None,
+    probe_c: Annotated[float, typer.Option(help="Linear probe inverse regularisation")] = 1.0,
+) -> None:
+    """Train and evaluate CLIP baselines and CMA-CLIP ablations on the same splits."""
+    from cmaclip.config import load_config
+    from cmaclip.experiments import ablation, ablation_dir, format_ablation
+
+    setup_logging()
+    loaded = load_config(config, list(set_ or []))
+    state = ablation(loaded, name=name, contrastive=contrastive, only=only, resume=resume,
+                     template=template, probe_c=probe_c)  # fmt: skip
+    typer.echo(format_ablation(state))
+    typer.echo(f"table: {ablation_dir(loaded, name) / 'ablation.md'}")
+
+
+@experiment_app.command("noise")
+def experiment_noise(
+    ablation: Annotated[Path, typer.Option(help="An ablation folder (with ablation.json)")],
+    kind: Annotated[
+        list[str] | None,
+        typer.Option(help="Noise kind; repeatable (default title_swap, image_swap)"),
+    ] = None,
+    rate: Annotated[
+        list[float] | None, typer.Option(help="Noise rate; repeatable (default 0 .. 1 by 0.25)")
+    ] = None,
+    variant: Annotated[list[str] | None, typer.Option(help="Only this variant; repeatable")] = None,
+    seed: Annotated[int, typer.Option(help="Which rows are corrupted, and how")] = 0,
+) -> None:
+    """Accuracy of the ablation's variants against the share of corrupted test rows."""
+    from cmaclip.config import resolve_path
+    from cmaclip.experiments import format_noise, noise_grid
+
+    setup_logging()
+    root = resolve_path(ablation)
+    results = noise_grid(
+        root, kinds=kind or ["title_swap", "image_swap"],
+        rates=sorted(rate) if rate else [0.0, 0.25, 0.5, 0.75, 1.0], seed=seed, variants=variant,
+    )  # fmt: skip
+    typer.echo(format_noise(results))
+    typer.echo(f"figure: {root / 'noise.png'}")
 
 
 def main(argv: list[str] | None = None) -> None:

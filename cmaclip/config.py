@@ -90,8 +90,6 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(
         default=2048, ge=0, description="Rows in each worker's local shuffle buffer; 0 is off."
     )
-    # Limitation: training/run.py does not yet pass this value to ray_dataset and
-    # evaluate_model, so a training run applies the default budget whatever is set here.
     max_skipped_fraction: float = Field(
         default=DEFAULT_MAX_SKIPPED_FRACTION,
         ge=0,
@@ -137,6 +135,11 @@ class RunConfig(_Strict):
         ge=1,
         description="Seconds a worker waits in one collective (gradient all-reduce, metric "
         "sums) before it gives up; a stuck peer then fails the stage instead of hanging it.",
+    )
+    init_encoders: str | None = Field(
+        default=None,
+        description="A checkpoint or model folder whose CLIP encoders the run starts from (e.g. "
+        "another run's checkpoints/contrastive); fusion and heads start fresh.",
     )
 
 

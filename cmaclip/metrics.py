@@ -63,19 +63,23 @@ def threshold_at_precision(
 def task_metrics(
     labels: np.ndarray,
     probabilities: np.ndarray,
-    image_weight: np.ndarray,
+    image_weight: np.ndarray | None,
     num_classes: int,
 ) -> dict[str, float | int]:
-    """Metrics of one task over the rows that have a label (`labels >= 0`)."""
+    """Metrics of one task over the rows that have a label (`labels >= 0`).
+
+    `image_weight` is None for a classifier without modality-wise weights (a baseline); the
+    metrics then have no `image_weight_mean`.
+    """
     labelled = labels >= 0
     y_true = labels[labelled]
     probs = probabilities[labelled]
     support = int(labelled.sum())
+    weight = {}
+    if image_weight is not None:
+        weight["image_weight_mean"] = float(np.mean(image_weight) if image_weight.size else 0.0)
     if support == 0:
-        return {
-            "support": 0,
-            "image_weight_mean": float(np.mean(image_weight) if image_weight.size else 0.0),
-        }
+        return {"support": 0, **weight}
 
     y_pred = probs.argmax(axis=1)
     confidence = probs.max(axis=1)
@@ -92,7 +96,7 @@ def task_metrics(
             f1_score(y_true, y_pred, average="macro", labels=all_classes, zero_division=0)
         ),
         "recall_at_precision_0.9": recall_at_precision(correct, confidence, 0.9),
-        "image_weight_mean": float(np.mean(image_weight)),
+        **weight,
         "support": support,
     }
 

@@ -114,6 +114,8 @@ def test_mlflow_has_every_stage_and_epoch(finished_run, emoji_shards):
     assert parent.data.params["scaling.num_workers"] == "2"
     assert parent.data.metrics["test/category/accuracy"] == report["tasks"]["category"]["accuracy"]
     assert set(children) == {"contrastive", "warmup", "end_to_end", "tuning"}
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
+    assert {"report.json", "report.html", "report-figures", "model"} <= artifacts
 
     history = client.get_metric_history(children["warmup"].info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2]

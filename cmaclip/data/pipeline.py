@@ -296,6 +296,48 @@ def ray_dataset(
     )
 
 
+def raw_batches(
+    data_dir: str | Path,
+    split: str,
+    tasks: dict[str, list[str]],
+    *,
+    batch_size: int = 64,
+    columns: list[str] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Shard rows of one split read in this process as object arrays, one row group at a time.
+
+    This is what `Preprocessor` takes; evaluation under noise changes titles or image bytes
+    here, before they are decoded and tokenized. A text value that is not valid UTF-8 stays
+    bytes, for `Preprocessor` to skip and count; each batch names its shard under `file`.
+    """
+    files = shard_files(data_dir, split)
+    check_shards(files, tasks)
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        for record_batch in parquet.iter_batches(
+            batch_size, columns=columns or read_columns(tasks)
+        ):
+            batch: dict[str, Any] = {
+                name: np.asarray(_python_values(record_batch.column(name)), dtype=object)
+                for name in record_batch.schema.names
+            }
+            yield {**batch, "file": path}
+
+
+def _python_values(column: pa.Array) -> list[Any]:
+    """A column as Python values, where one bad UTF-8 string does not fail the whole column."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return column.to_pylist()
+    values = column.cast(pa.large_binary()).to_pylist()
+    decoded = []
+    for value in values:
+        try:
+            decoded.append(value.decode("utf-8") if value is not None else None)
+        except UnicodeDecodeError:
+            decoded.append(value)
+    return decoded
+
+
 def local_batches(
     data_dir: str | Path,
     split: str,

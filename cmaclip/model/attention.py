@@ -88,6 +88,31 @@ def _readout_layer(
     hidden = layer.dropout(layer.activation(layer.linear1(layer.norm2(x))))
     return x + layer.dropout2(layer.linear2(hidden))
 
+    def attention_maps(
+        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_padding: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each layer's attention, averaged over heads, and the normalised output sequence.
+
+        The layers are run one by one, as `forward` runs them, with each layer's attention
+        weights read from its own self-attention on its normalised input (the layers normalise
+        first). Returns one [B, S, S] tensor per layer (query rows, key columns, S = 1 + P + L;
+        each row sums to one over the unpadded keys) and the output [B, S, W].
+        """
+        batch, image_len = image_tokens.shape[:2]
+        x = torch.cat([image_tokens, text_tokens], dim=1)  # [B, 1 + P + L, W]
+        padding = torch.cat([text_padding.new_zeros(batch, image_len), text_padding], dim=1)
+
+        maps = []
+        for layer in self.encoder.layers:
+            normed = layer.norm1(x)
+            _, weights = layer.self_attn(
+                normed, normed, normed, key_padding_mask=padding, need_weights=True,
+                average_attn_weights=True,
+            )  # fmt: skip
+            maps.append(weights)  # [B, S, S]
+            x = layer(x, src_key_padding_mask=padding)
+        return maps, self.norm(x)
+
 
 class ModalityAttention(nn.Module):
     """Keyless attention between I and T, one learned query vector per task.

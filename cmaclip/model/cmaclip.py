@@ -128,6 +128,27 @@ class CMACLIP(nn.Module):
         text_tokens = fusion.text_proj(text_tokens) + fusion.modality_embedding[1]
         return fusion.sequence(image_tokens, text_tokens, text_padding, eot_index)
 
+    def attention_maps(
+        self, images: torch.Tensor, text: torch.Tensor
+    ) -> tuple[list[torch.Tensor], int]:
+        """Sequence-wise attention per layer ([B, S, S], heads averaged) and the image length.
+
+        Positions 0 .. image_len - 1 of the joint sequence are the image tokens (class token
+        first, then the patches row by row); the text tokens follow.
+        """
+        fusion = self.fusion
+        if fusion.sequence is None:
+            raise ValueError(
+                "this model has no sequence-wise attention (model.sequence_attention: false), "
+                "so there is no attention between text tokens and image patches to show"
+            )
+        image = self.encoders.encode_image(images)
+        title = self.encoders.encode_text(text)
+        image_tokens = fusion.image_proj(image.tokens) + fusion.modality_embedding[0]
+        text_tokens = fusion.text_proj(title.tokens) + fusion.modality_embedding[1]
+        maps, _ = fusion.sequence.attention_maps(image_tokens, text_tokens, title.padding_mask)
+        return maps, image_tokens.shape[1]
+
     def frozen_outputs(
         self, images: torch.Tensor, text: torch.Tensor, level: str
     ) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ Read top to bottom: validate the config against the data set, open the run folde
 parent run, build the initial weights once, then run each enabled stage as its own Ray Train
 `TorchTrainer` fit, each starting from the previous stage's best checkpoint. Finally export the
 last stage's best weights as `model/` (with its precision thresholds from the validation split),
-evaluate the test split and write `report.json`.
+evaluate the test split and write `report.json`, with its figures and `report.html` beside it.
 
 A run name is a unit of work that survives its submissions. Submitting it again resumes it: a
 stage whose best checkpoint sits in `checkpoints/<stage>/` with its `stage.json` marker is not
@@ -25,18 +25,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from cmaclip import tracking
 from cmaclip.config import STAGES, Config, config_to_dict, flatten, resolve_path
 from cmaclip.data.pipeline import TENSOR_COLUMNS, InputSpec, check_shards, ray_dataset
 from cmaclip.data.shards import read_dataset_info, shard_files
-from cmaclip.evaluate import evaluate_model, precision_thresholds
+from cmaclip.evaluate import Evaluation, evaluate_model, precision_thresholds, write_report
 from cmaclip.export import (
     META,
     WEIGHTS,
     input_spec,
     load_model,
+    load_weights,
     save_model,
     staging_folder,
     write_text_atomic,
@@ -113,6 +115,7 @@ def _datasets(config: Config, spec: InputSpec) -> dict[str, Any]:
             preprocess_cpus=config.data.preprocess_cpus,
             read_cpus=config.data.read_cpus,
             shuffle_files=split == "train",
+            max_skipped_fraction=config.data.max_skipped_fraction,
         ).select_columns(TENSOR_COLUMNS)
         for split in ("train", "val")
     }
@@ -287,13 +290,20 @@ def _open_run_dir(config: Config, restart: bool) -> bool:
     return False
 
 
-def _mlflow_runs(config: Config, uri: str, state: dict[str, Any]) -> str:
-    """The MLflow parent run: the earlier submission's, reopened, or a new one."""
+def _mlflow_runs(
+    config: Config, uri: str, state: dict[str, Any], parent_run_id: str | None = None
+) -> str:
+    """The MLflow run of this training run: the earlier submission's, reopened, or a new one.
+
+    With `parent_run_id` a new run is nested under that run (an experiment's parent run).
+    """
     previous = state.get("mlflow", {})
     if previous.get("uri") == uri and tracking.reopen_run(uri, previous.get("parent")):
         logger.info("MLflow: %s, run %s continued", uri, previous["parent"])
         return previous["parent"]
-    parent = tracking.start_run(uri, config.tracking.experiment, config.run.name)
+    parent = tracking.start_run(
+        uri, config.tracking.experiment, config.run.name, parent_id=parent_run_id
+    )
     tracking.log_params(uri, parent, flatten(config_to_dict(config)))
     tracking.log_artifacts(uri, parent, config.run_dir() / "config.yaml")
     state["mlflow"] = {"uri": uri, "parent": parent, "stages": {}}
@@ -347,11 +357,14 @@ def stage_cache(
     return cache_dir
 
 
-def train(config: Config, *, restart: bool = False) -> dict[str, Any]:
+def train(
+    config: Config, *, restart: bool = False, parent_run_id: str | None = None
+) -> dict[str, Any]:
     """Run every enabled stage, export the model and evaluate it. Returns the report.
 
     Resumes an earlier submission of the same run name (see the module docstring); the report's
-    `submission` says which stages this call trained and which it found finished.
+    `submission` says which stages this call trained and which it found finished. With
+    `parent_run_id` the run's MLflow run is nested under it (an experiment's run).
     """
     started = time.perf_counter()
     data_dir = config.data_path()
@@ -381,9 +394,13 @@ def train(config: Config, *, restart: bool = False) -> dict[str, Any]:
                 config.enabled_stages())  # fmt: skip
 
     # the initial weights: pretrained encoders (or a fresh init), shared by every worker
+    torch.manual_seed(config.run.seed)
     model = CMACLIP(config.model, tasks)
     weights = run_dir / "checkpoints" / "init"
     if not (weights / WEIGHTS).is_file():
+        if config.run.init_encoders:
+            load_weights(model, resolve_path(config.run.init_encoders), parts=("encoders.",))
+            logger.info("encoders from %s", config.run.init_encoders)
         save_model(model, weights, {"stage": "init"})
     spec = input_spec(model)
     logger.info("model: %.2fM parameters", count_parameters(model) / 1e6)
@@ -391,7 +408,7 @@ def train(config: Config, *, restart: bool = False) -> dict[str, Any]:
 
     _ensure_ray(config)
     uri = tracking.tracking_uri(config.tracking.tracking_uri)
-    parent = _mlflow_runs(config, uri, state)
+    parent = _mlflow_runs(config, uri, state, parent_run_id)
     write_text_atomic(run_dir / RUN_STATE, json.dumps(state, indent=2))
 
     datasets = _datasets(config, spec)
@@ -438,12 +455,14 @@ def train(config: Config, *, restart: bool = False) -> dict[str, Any]:
             logger.info("stage %s done: best epoch %d, score %.4f", stage, metrics["epoch"],
                         metrics["score"])  # fmt: skip
 
-        report = _export_and_evaluate(config, weights, data_dir, stages, uri, parent)
+        evaluation = _export_and_evaluate(config, weights, data_dir, stages, uri, parent)
+        report = evaluation.report
         report["seconds"] = round(time.perf_counter() - started, 1)
         report["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         report["submission"] = submission
-        write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
-        tracking.log_artifacts(uri, parent, run_dir / "report.json")
+        # report-figures/ and report.html, then report.json, whose presence marks the run done
+        for path in write_report(evaluation, run_dir / "report.json"):
+            tracking.log_artifacts(uri, parent, path, path.name if path.is_dir() else None)
         status = "FINISHED"
         return report
     finally:
@@ -452,12 +471,13 @@ def train(config: Config, *, restart: bool = False) -> dict[str, Any]:
 
 def _export_and_evaluate(
     config: Config, weights: Path, data_dir: Path, stages: dict, uri: str, parent: str
-) -> dict[str, Any]:
+) -> Evaluation:
     """Export `model/` with precision thresholds from the validation split; score the test split."""
     run_dir = config.run_dir()
     model, _ = load_model(weights)
 
-    validation = evaluate_model(model, data_dir, split="val")
+    budget = config.data.max_skipped_fraction
+    validation = evaluate_model(model, data_dir, split="val", max_skipped_fraction=budget)
     thresholds = precision_thresholds(validation, precision=0.9)
     save_model(
         model,
@@ -465,12 +485,13 @@ def _export_and_evaluate(
         {"run": config.run.name, "stages": stages, "thresholds": {"precision_0.9": thresholds}},
     )
 
-    report = evaluate_model(model, data_dir, split="test").report
+    evaluation = evaluate_model(model, data_dir, split="test", max_skipped_fraction=budget)
+    report = evaluation.report
     report["run"] = config.run.name
     report["stages"] = stages
     tracking.log_metrics(uri, parent, flatten_report(report), step=0)
     tracking.log_artifacts(uri, parent, run_dir / "model", "model")
-    return report
+    return evaluation
 
 
 def flatten_report(report: dict[str, Any]) -> dict[str, float]:
