@@ -259,7 +259,7 @@ def test_read_out_positions_match_the_whole_encoder(layers):
     ours = torch.autograd.grad(sum(x.pow(2).sum() for x in read_out), parameters)
     theirs = torch.autograd.grad(sum(x.pow(2).sum() for x in reference), parameters)
     for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # float32 sums, reordered
 
 
 def test_sequence_attention_needs_a_layer():

@@ -65,29 +65,6 @@ class SequenceAttention(nn.Module):
         out = self.norm(_readout_layer(last, sequence, readout, padding))  # [B, 2, W]
         return out[:, 0], out[:, 1]
 
-
-def _readout_layer(
-    layer: nn.TransformerEncoderLayer,
-    sequence: torch.Tensor,
-    positions: torch.Tensor,
-    padding: torch.Tensor,
-) -> torch.Tensor:
-    """A pre-norm encoder layer's output at `positions` [B, Q] only, as [B, Q, W].
-
-    Every token still serves as key and value, but queries, the feed-forward block and the
-    residuals run for the read-out positions alone: the same numbers as the whole layer's output
-    at those positions, for about a sixth of the layer's arithmetic at the demo's lengths.
-    """
-    index = positions.unsqueeze(-1).expand(-1, -1, sequence.shape[-1])  # [B, Q, W]
-    keys = layer.norm1(sequence)  # [B, S, W]
-    x = sequence.gather(1, index)  # [B, Q, W]
-    attended = layer.self_attn(
-        keys.gather(1, index), keys, keys, key_padding_mask=padding, need_weights=False
-    )[0]
-    x = x + layer.dropout1(attended)
-    hidden = layer.dropout(layer.activation(layer.linear1(layer.norm2(x))))
-    return x + layer.dropout2(layer.linear2(hidden))
-
     def attention_maps(
         self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_padding: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -112,6 +89,29 @@ def _readout_layer(
             maps.append(weights)  # [B, S, S]
             x = layer(x, src_key_padding_mask=padding)
         return maps, self.norm(x)
+
+
+def _readout_layer(
+    layer: nn.TransformerEncoderLayer,
+    sequence: torch.Tensor,
+    positions: torch.Tensor,
+    padding: torch.Tensor,
+) -> torch.Tensor:
+    """A pre-norm encoder layer's output at `positions` [B, Q] only, as [B, Q, W].
+
+    Every token still serves as key and value, but queries, the feed-forward block and the
+    residuals run for the read-out positions alone: the same numbers as the whole layer's output
+    at those positions, for about a sixth of the layer's arithmetic at the demo's lengths.
+    """
+    index = positions.unsqueeze(-1).expand(-1, -1, sequence.shape[-1])  # [B, Q, W]
+    keys = layer.norm1(sequence)  # [B, S, W]
+    x = sequence.gather(1, index)  # [B, Q, W]
+    attended = layer.self_attn(
+        keys.gather(1, index), keys, keys, key_padding_mask=padding, need_weights=False
+    )[0]
+    x = x + layer.dropout1(attended)
+    hidden = layer.dropout(layer.activation(layer.linear1(layer.norm2(x))))
+    return x + layer.dropout2(layer.linear2(hidden))
 
 
 class ModalityAttention(nn.Module):
