@@ -62,7 +62,7 @@ bench-serve: install data
 	  --out benchmarks/results/serve_load.json
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m 'not slow'
