@@ -571,3 +571,31 @@ def test_ray_data_decoding_actors_count_the_corpus_like_evaluation(
     skipped = {row["id"]: row["error"] for row in rows if not row["valid"]}
     assert sorted(skipped) == SKIPPED
     assert all(skipped[name].startswith(KINDS[name].reason) for name in SKIPPED)
+
+
+@pytest.mark.slow
+def test_a_training_run_reads_its_budget_from_the_config(tmp_path: Path, ray_cluster) -> None:
+    from cmaclip.training.run import _datasets
+
+    good, bad = _good_image(), _truncated(_save(_noise(), "PNG"))
+    rows = [
+        {"id": f"r{index}", "image": good if index % 3 == 0 else bad, "title": "t",
+         "color": "red", "size": "small"}
+        for index in range(BUDGET_MIN_ROWS + 64)
+    ]  # fmt: skip
+    folder = write_shards(tmp_path, rows, split="train")
+    write_shards(tmp_path, _good_rows(), split="val")
+    counts = {"train": len(rows), "val": GOOD_ROWS}
+    info = make_dataset_info(
+        name="corpus", classes=TASKS, rows=counts, rows_read=sum(counts.values()),
+        skipped=SkippedRows(), source={"kind": "test corpus"},
+    )  # fmt: skip
+    write_dataset_info(folder, info)
+
+    def train_rows(budget: str) -> int:
+        config = load_config(None, [f"data.path={folder}", f"data.max_skipped_fraction={budget}"])
+        return len(_datasets(config, SPEC)["train"].take_all())
+
+    with pytest.raises(Exception, match=r"data.max_skipped_fraction=0.5"):
+        train_rows("0.5")
+    assert train_rows("0.7") == len(rows)  # every row read, the broken ones marked not valid
