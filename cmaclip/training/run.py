@@ -11,8 +11,8 @@ stage whose best checkpoint sits in `checkpoints/<stage>/` with its `stage.json`
 trained again, an unfinished stage continues from its latest checkpoint in Ray Train's storage,
 and a run with `report.json` does nothing. A resubmission with a config that changes what is
 trained (anything but where and how wide it runs: `scaling`, `tracking`, the data loading
-resources, the failure policy) is refused with the changed keys named; `restart=True` (the CLI's
-`--restart`) deletes the run and trains it anew.
+resources, the failure policy, the error budget) is refused with the changed keys named;
+`restart=True` (the CLI's `--restart`) deletes the run and trains it anew.
 """
 
 from __future__ import annotations
@@ -49,13 +49,15 @@ logger = logging.getLogger(__name__)
 
 STAGE_MARKER = "stage.json"
 RUN_STATE = "run.json"
-# config keys a resubmission may change: where and how wide the run goes, not what it trains
+# config keys a resubmission may change: where and how wide the run goes, not what it trains.
+# The error budget is one of them: a run it stopped is resubmitted with a higher budget.
 RESUMABLE_KEYS = (
     "scaling.",
     "tracking.",
     "data.preprocess_concurrency",
     "data.preprocess_cpus",
     "data.read_cpus",
+    "data.max_skipped_fraction",
     "run.max_failures",
     "run.collective_timeout_s",
 )
