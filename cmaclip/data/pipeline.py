@@ -18,7 +18,6 @@ import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cmaclip.data.images import MAX_ASPECT as MAX_ASPECT  # where the predictor reads it
 from cmaclip.data.images import ImageDecodeError, decode_image
 from cmaclip.data.shards import (
     DATASET_INFO_FILE,
