@@ -31,7 +31,7 @@ import yaml
 from cmaclip import tracking
 from cmaclip.config import STAGES, Config, config_to_dict, flatten, resolve_path
 from cmaclip.data.pipeline import TENSOR_COLUMNS, InputSpec, check_shards, ray_dataset
-from cmaclip.data.shards import read_dataset_info, shard_files
+from cmaclip.data.shards import TooManySkippedError, read_dataset_info, shard_files
 from cmaclip.evaluate import Evaluation, evaluate_model, precision_thresholds, write_report
 from cmaclip.export import (
     META,
@@ -336,25 +336,32 @@ def stage_cache(
     setting = config.stages[stage].cache
     if setting is None:
         return None
+    budget = config.data.max_skipped_fraction
     if setting == "build":
         cache_dir = config.run_dir() / "cache" / stage
         try:  # built by an earlier submission of this run, from the same weights and data
             check_cache(
-                cache_dir, stage=stage, weights=weights, data_dir=config.data_path(), tasks=tasks
-            )
+                cache_dir, stage=stage, weights=weights, data_dir=config.data_path(), tasks=tasks,
+                max_skipped_fraction=budget,
+            )  # fmt: skip
             logger.info("stage %s reads the cache %s, built before", stage, cache_dir)
             return cache_dir
+        except TooManySkippedError:
+            raise  # the data is as broken as when the cache was built: rebuilding changes nothing
         except (FileNotFoundError, ValueError):
             pass
         build_cache(
             weights, config.data_path(), STAGE_LEVEL[stage], cache_dir,
             concurrency=config.data.preprocess_concurrency,
             cpus_per_actor=config.data.preprocess_cpus,
-            threads=config.scaling.torch_threads or 1,
+            threads=config.scaling.torch_threads or 1, max_skipped_fraction=budget,
         )  # fmt: skip
     else:
         cache_dir = resolve_path(setting)
-    check_cache(cache_dir, stage=stage, weights=weights, data_dir=config.data_path(), tasks=tasks)
+    check_cache(
+        cache_dir, stage=stage, weights=weights, data_dir=config.data_path(), tasks=tasks,
+        max_skipped_fraction=budget,
+    )  # fmt: skip
     logger.info("stage %s reads the cache %s", stage, cache_dir)
     return cache_dir
 
