@@ -470,6 +470,12 @@ def test_a_mostly_broken_evaluation_is_refused(tmp_path: Path, tiny_model_config
     assert (report["rows_read"], report["rows_used"]) == (len(rows), 2)
     assert report["rows_skipped"] == len(SKIPPED)
 
+    # the linear probe baseline of an ablation is fitted under the same budget
+    from cmaclip.baselines import LinearProbe
+
+    with pytest.raises(TooManySkippedError, match=rf"linear probe on .* test: {counts}"):
+        LinearProbe(model.encoders, SPEC).fit(folder, split="test")
+
 
 def test_the_budget_and_training_values_are_validated() -> None:
     assert load_config(None).data.max_skipped_fraction == 0.5
