@@ -141,9 +141,8 @@ def stage_trainer(
     """The Ray Train `TorchTrainer` of one stage; a run fits it, a search trial too.
 
     With `cache_dir` the workers read a cache's rows instead of pixels and token ids, and
-    `datasets` is not used;
-    `init_parts` loads only those weights of `init_weights` (a trial whose fusion widths differ
-    from the checkpoint's keeps its fresh fusion and heads).
+    `datasets` is not used. `init_parts` loads only those weights of `init_weights` (a trial
+    whose fusion widths differ from the checkpoint's keeps its fresh fusion and heads).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
