@@ -26,6 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from cmaclip.data.pipeline import MISSING, InputSpec, local_batches
+from cmaclip.data.shards import DEFAULT_MAX_SKIPPED_FRACTION, check_skipped_budget
 from cmaclip.model.encoders import ClipEncoders, register_model_configs
 
 logger = logging.getLogger(__name__)
@@ -96,12 +97,26 @@ class LinearProbe:
         self.spec = spec
         self.parts: dict[str, dict[str, np.ndarray]] = {}
 
-    def fit(self, data_dir: str | Path, *, split: str = "train", c: float = 1.0,
-            batch_size: int = 128) -> dict[str, Any]:  # fmt: skip
-        """Fit on `split`; returns the rows used per task and the training accuracy."""
+    def fit(
+        self,
+        data_dir: str | Path,
+        *,
+        split: str = "train",
+        c: float = 1.0,
+        batch_size: int = 128,
+        max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+    ) -> dict[str, Any]:
+        """Fit on `split`; returns the rows used per task and the training accuracy.
+
+        Like training, it stops when more than `max_skipped_fraction` of the rows read were
+        skipped, or when no row is usable.
+        """
         features, labels = [], []
         rows = skipped = 0
-        batches = local_batches(data_dir, split, self.spec, batch_size=batch_size)
+        batches = local_batches(
+            data_dir, split, self.spec, batch_size=batch_size,
+            max_skipped_fraction=max_skipped_fraction,
+        )  # fmt: skip
         for batch in tqdm(batches, desc=f"probe features {split}", unit="batch", disable=None):
             valid = batch["valid"]
             rows += len(valid)
@@ -112,6 +127,10 @@ class LinearProbe:
                     torch.from_numpy(batch["text"][valid]),
                 ))  # fmt: skip
                 labels.append(batch["labels"][valid])
+        check_skipped_budget(
+            rows, skipped, max_skipped_fraction, where=f"linear probe on {data_dir} {split}",
+            option="data.max_skipped_fraction",
+        )  # fmt: skip
         x, y = np.concatenate(features), np.concatenate(labels)
 
         summary: dict[str, Any] = {"rows_read": rows, "rows_skipped": skipped, "tasks": {}}

@@ -242,6 +242,10 @@ def cache(
     out: Annotated[Path, typer.Option(help="The cache folder to write")],
     concurrency: Annotated[int, typer.Option(help="Ray Data actors, one model each")] = 1,
     threads: Annotated[int, typer.Option(help="torch threads per actor")] = 2,
+    max_skipped_fraction: Annotated[
+        float,
+        typer.Option(min=0, max=1, help="Stop when more of the rows read are skipped than this"),
+    ] = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> None:
     """Run a model's frozen part once over every split and store its outputs for a stage."""
     import ray
@@ -253,8 +257,9 @@ def cache(
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     manifest = build_cache(
-        checkpoint, data, level, out, concurrency=concurrency, cpus_per_actor=1.0, threads=threads
-    )
+        checkpoint, data, level, out, concurrency=concurrency, cpus_per_actor=1.0, threads=threads,
+        max_skipped_fraction=max_skipped_fraction,
+    )  # fmt: skip
     rows = sum(manifest["rows"].values())
     typer.echo(
         f"cache {out}: level {level}, {rows} rows from {checkpoint}, "

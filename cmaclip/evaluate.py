@@ -149,7 +149,7 @@ def evaluate_scorer(
         max_skipped_fraction,
         where=f"evaluating {data_dir} {split}",
         option="data.max_skipped_fraction",
-        reasons=[f"row {skip['row']}: {skip['reason']}" for skip in skips],
+        reasons=[f"{Path(s['file']).name} row {s['row']}: {s['reason']}" for s in skips],
     )
 
     labels_all = np.concatenate(labels) if labels else np.zeros((0, len(tasks)), np.int64)

@@ -27,7 +27,7 @@ import torch
 
 from cmaclip import tracking
 from cmaclip.config import Config, config_to_dict, flatten, resolve_path
-from cmaclip.data.shards import read_dataset_info
+from cmaclip.data.shards import DEFAULT_MAX_SKIPPED_FRACTION, read_dataset_info
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def ablation(
     `only` runs just those variants (the others are read back when `resume` finds them
     finished); `resume` keeps every variant whose report is already there.
     """
-    from cmaclip.baselines import DEFAULT_TEMPLATE, LinearProbe
+    from cmaclip.baselines import DEFAULT_TEMPLATE, LinearProbe, ZeroShotScorer
     from cmaclip.evaluate import evaluate_scorer, write_report
     from cmaclip.export import input_spec, save_model
     from cmaclip.model.cmaclip import CMACLIP
@@ -124,6 +124,7 @@ def ablation(
     from cmaclip.training.run import train as train_run
 
     template = template or DEFAULT_TEMPLATE
+    budget = config.data.max_skipped_fraction
     unknown = sorted(set(only or []) - set(VARIANTS))
     if unknown:
         raise ValueError(f"--only {unknown}: unknown variant(s); variants are {list(VARIANTS)}")
@@ -197,13 +198,14 @@ def ablation(
                 extra = {}
                 if variant.kind == "probe":
                     probe = LinearProbe(model.encoders, spec)
-                    extra["probe"] = probe.fit(config.data_path(), split="train", c=probe_c)
+                    extra["probe"] = probe.fit(config.data_path(), split="train", c=probe_c,
+                                               max_skipped_fraction=budget)  # fmt: skip
                     probe.save(folder / "probe.npz")
                     scorer = probe
                 else:
-                    scorer, _ = baseline_scorer(variant, folder, Path(encoders_from),
-                                                template=template)  # fmt: skip
-                evaluation = evaluate_scorer(scorer, spec, config.data_path(), split="test")
+                    scorer = ZeroShotScorer(model.encoders, spec, template=template)
+                evaluation = evaluate_scorer(scorer, spec, config.data_path(), split="test",
+                                             max_skipped_fraction=budget)  # fmt: skip
                 evaluation.report.update(variant=variant.name, **extra)
                 write_report(evaluation, folder / "report.json")
                 report = evaluation.report
@@ -297,6 +299,8 @@ def noise_grid(
     if not names:
         raise ValueError(f"{state_path}: no finished variant to score (wanted {variants})")
     settings = [NoiseSetting(kind, rate) for kind in kinds for rate in rates]  # checks them
+    # the ablation's error budget (an ablation.json older than it: the default)
+    budget = state["config"]["data"].get("max_skipped_fraction", DEFAULT_MAX_SKIPPED_FRACTION)
 
     started = time.perf_counter()
     results: dict[str, Any] = {"seed": seed, "kinds": kinds, "rates": rates, "variants": {}}
@@ -310,8 +314,9 @@ def noise_grid(
             else:
                 noise = setting if setting.rate > 0 else None
                 report = evaluate_scorer(
-                    scorer, spec, state["data"], split="test", noise=noise, seed=seed
-                ).report
+                    scorer, spec, state["data"], split="test", noise=noise, seed=seed,
+                    max_skipped_fraction=budget,
+                ).report  # fmt: skip
                 if setting.rate == 0:
                     clean = report
             accuracies = per_kind.setdefault(setting.kind, {})

@@ -255,8 +255,8 @@ def plan_noise(
         donor = next((i for i in rows if _decodes(images[i])), None)
         if donor is None:
             raise ValueError(
-                f"noise image_swap: no decodable image among the {len(rows)} rows after row "
-                f"{ids[row]} in the donor order"
+                f"{data_dir} {split}: noise image_swap: no decodable image among the "
+                f"{len(rows)} rows after row {ids[row]} in the donor order"
             )
         plan.donors[row], plan.donor_ids[row] = images[donor], ids[donor]
     return plan

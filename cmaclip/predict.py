@@ -25,7 +25,7 @@ from torch import nn
 
 from cmaclip.config import ModelConfig, resolve_path
 from cmaclip.data.images import DEFAULT_MAX_PIXELS, decode_image
-from cmaclip.data.pipeline import MAX_ASPECT, InputSpec
+from cmaclip.data.pipeline import InputSpec
 from cmaclip.export import META, WEIGHTS, load_model, read_meta
 from cmaclip.model.attention import ModalityAttention, TaskHead
 from cmaclip.model.encoders import register_model_configs
@@ -102,14 +102,8 @@ class ItemPreparer:
             picture = decode_image(data, max_pixels=self.max_pixels)
         except ImageTooLargeError as error:
             raise ItemError(f"image: {error}", field="image", status=413) from None
-        except ImageDecodeError as error:
+        except ImageDecodeError as error:  # an extreme aspect ratio too, as in training
             raise ItemError(f"image: {error}", field="image") from None
-        if max(picture.size) > MAX_ASPECT * min(picture.size):
-            raise ItemError(
-                f"image: aspect ratio of {picture.size[0]}x{picture.size[1]} exceeds "
-                f"{MAX_ASPECT:g}:1",
-                field="image",
-            )
         return self.transform(picture).numpy()
 
     def _truncated(self, title: str) -> bool:

@@ -267,8 +267,10 @@ def _prepare(search: SearchConfig, base: dict[str, Any]) -> dict[str, Any]:
     if not (cache_dir / "cache.json").is_file():
         logger.info("search %s: no cache at %s yet; building it from %s", search.name,
                     cache_dir, init)  # fmt: skip
-        build_cache(init, data_dir, level, cache_dir, cpus_per_actor=1.0, threads=2)
-    check_cache(cache_dir, stage=search.stage, weights=init, data_dir=data_dir, tasks=tasks)
+        build_cache(init, data_dir, level, cache_dir, cpus_per_actor=1.0, threads=2,
+                    max_skipped_fraction=config.data.max_skipped_fraction)  # fmt: skip
+    check_cache(cache_dir, stage=search.stage, weights=init, data_dir=data_dir, tasks=tasks,
+                max_skipped_fraction=config.data.max_skipped_fraction)  # fmt: skip
     return {
         "search": search.model_dump(mode="json"),
         "base": base,

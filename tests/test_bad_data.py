@@ -463,11 +463,18 @@ def test_a_mostly_broken_evaluation_is_refused(tmp_path: Path, tiny_model_config
     model = CMACLIP(tiny_model_config, TASKS)
 
     counts = f"{len(SKIPPED)} of {len(rows)} rows skipped"
-    with pytest.raises(TooManySkippedError, match=rf"evaluating .* test: {counts}"):
+    first = re.escape(f"first reasons: test-00000.parquet row {SKIPPED[0]}: ")
+    with pytest.raises(TooManySkippedError, match=rf"evaluating .* test: {counts}.*; {first}"):
         evaluate_model(model, folder, split="test")
     report = evaluate_model(model, folder, split="test", max_skipped_fraction=0.9).report
     assert (report["rows_read"], report["rows_used"]) == (len(rows), 2)
     assert report["rows_skipped"] == len(SKIPPED)
+
+    # the linear probe baseline of an ablation is fitted under the same budget
+    from cmaclip.baselines import LinearProbe
+
+    with pytest.raises(TooManySkippedError, match=rf"linear probe on .* test: {counts}"):
+        LinearProbe(model.encoders, SPEC).fit(folder, split="test")
 
 
 def test_the_budget_and_training_values_are_validated() -> None:

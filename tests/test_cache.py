@@ -14,7 +14,7 @@ import torch
 
 from cmaclip.config import ModelConfig
 from cmaclip.data.pipeline import local_batches
-from cmaclip.data.shards import read_dataset_info
+from cmaclip.data.shards import TooManySkippedError, read_dataset_info
 from cmaclip.export import input_spec, load_model, save_model
 from cmaclip.model.cmaclip import CMACLIP
 from cmaclip.training.cache import (
@@ -189,6 +189,18 @@ def test_a_cache_of_other_weights_or_data_is_refused(built_cache, emoji_shards, 
     with pytest.raises(ValueError, match="holds labels of tasks"):
         check_cache(cache_dir, stage="warmup", weights=model_dir, data_dir=emoji_shards,
                     tasks=fewer)  # fmt: skip
+
+    # a cache built under a looser error budget than the stage's
+    loose = tmp_path / "loose"
+    shutil.copytree(cache_dir, loose)
+    manifest = read_manifest(loose)
+    manifest["rows_skipped"]["val"] = manifest["rows"]["val"] // 2 + 1
+    (loose / "cache.json").write_text(json.dumps(manifest))
+    check_cache(loose, stage="warmup", weights=model_dir, data_dir=emoji_shards, tasks=tasks)
+    with pytest.raises(TooManySkippedError, match=r"cache\.json: val: .* rows skipped .*more "
+                       r"than data\.max_skipped_fraction=0\.5"):  # fmt: skip
+        check_cache(loose, stage="warmup", weights=model_dir, data_dir=emoji_shards, tasks=tasks,
+                    max_skipped_fraction=0.5)  # fmt: skip
 
 
 def test_a_folder_without_a_manifest_is_no_cache(tmp_path: Path):

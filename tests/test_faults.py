@@ -226,9 +226,10 @@ def test_a_resubmission_with_another_config_is_refused_naming_the_keys(tmp_path,
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(before)))
 
-    # more workers and another failure policy are fine; another learning rate is not
+    # more workers, another failure policy or error budget are fine; another learning rate is not
     after = _config(emoji_shards, tmp_path, "changed", "stages.warmup.lr=0.002",
-                    "model.heads=2", "scaling.num_workers=1", "run.max_failures=3")  # fmt: skip
+                    "model.heads=2", "scaling.num_workers=1", "run.max_failures=3",
+                    "data.max_skipped_fraction=0.9")  # fmt: skip
     assert config_changes(config_to_dict(before), config_to_dict(after)) == [
         "model.heads: 4 -> 2",
         "stages.warmup.lr: 0.001 -> 0.002",

@@ -230,6 +230,15 @@ def test_extreme_aspect_ratio_is_skipped_not_resized():
     assert "aspect ratio" in out["error"][0]
     assert out["labels"][:, 0].tolist() == [0, -1] and out["unknown_labels"].tolist() == [0, 1]
 
+    # the predictor refuses the same strip, as a client's mistake (400) naming the image
+    from cmaclip.predict import ItemError, ItemPreparer
+
+    preparer = ItemPreparer(InputSpec("cmaclip-tiny", 64, 32, {"color": ["red"]}))
+    with pytest.raises(ItemError, match=r"^image: aspect ratio of 1x5000 exceeds 20:1$") as error:
+        preparer.prepare("a", png((1, 5000)))
+    assert (error.value.field, error.value.status) == ("image", 400)
+    assert preparer.prepare("a", png((80, 80))).image.shape == (3, 64, 64)
+
 
 @pytest.mark.parametrize("layers", [1, 3])
 def test_read_out_positions_match_the_whole_encoder(layers):

@@ -18,7 +18,6 @@ import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cmaclip.data.images import MAX_ASPECT as MAX_ASPECT  # where the predictor reads it
 from cmaclip.data.images import ImageDecodeError, decode_image
 from cmaclip.data.shards import (
     DATASET_INFO_FILE,
@@ -172,10 +171,7 @@ def _row_columns(
     errors: list[str] = []
     for name in names:
         if isinstance(batch, (pa.Table, pa.RecordBatch)):
-            column = batch.column(name)
-            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                column = column.cast(pa.large_binary())
-            values = column.to_pylist()
+            values = _python_values(batch.column(name))
         else:
             values = list(batch[name])
         if not errors:
@@ -324,8 +320,11 @@ def raw_batches(
             yield {**batch, "file": path}
 
 
-def _python_values(column: pa.Array) -> list[Any]:
-    """A column as Python values, where one bad UTF-8 string does not fail the whole column."""
+def _python_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """A column as Python values, where one bad UTF-8 string does not fail the whole column.
+
+    A string that is not valid UTF-8 stays bytes, for `Preprocessor` to skip and name.
+    """
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         return column.to_pylist()
     values = column.cast(pa.large_binary()).to_pylist()
@@ -353,9 +352,5 @@ def local_batches(
     preprocess = Preprocessor(
         spec, max_skipped_fraction=max_skipped_fraction, where=f"{data_dir} {split}"
     )
-    files = shard_files(data_dir, split)
-    check_shards(files, spec.tasks)
-    for path in files:
-        parquet = pq.ParquetFile(path)
-        for record_batch in parquet.iter_batches(batch_size, columns=read_columns(spec.tasks)):
-            yield {**preprocess(record_batch), "file": path}
+    for batch in raw_batches(data_dir, split, spec.tasks, batch_size=batch_size):
+        yield {**preprocess(batch), "file": batch["file"]}

@@ -48,12 +48,8 @@ class SequenceAttention(nn.Module):
         text_padding: torch.Tensor,
         eot_index: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, image_len = image_tokens.shape[:2]
-
-        # [B, 1 + P, W] ; [B, L, W] -> [B, 1 + P + L, W]
-        sequence = torch.cat([image_tokens, text_tokens], dim=1)
-        image_padding = text_padding.new_zeros(batch, image_len)
-        padding = torch.cat([image_padding, text_padding], dim=1)  # [B, 1 + P + L]
+        image_len = image_tokens.shape[1]
+        sequence, padding = _joint(image_tokens, text_tokens, text_padding)
 
         *inner, last = self.encoder.layers
         for layer in inner:
@@ -70,14 +66,13 @@ class SequenceAttention(nn.Module):
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Each layer's attention, averaged over heads, and the normalised output sequence.
 
-        The layers are run one by one, as `forward` runs them, with each layer's attention
-        weights read from its own self-attention on its normalised input (the layers normalise
-        first). Returns one [B, S, S] tensor per layer (query rows, key columns, S = 1 + P + L;
-        each row sums to one over the unpadded keys) and the output [B, S, W].
+        The layers are run one by one, as `forward` runs them (the last one over every position,
+        where `forward` computes only the two it reads out), with each layer's attention weights
+        read from its own self-attention on its normalised input (the layers normalise first).
+        Returns one [B, S, S] tensor per layer (query rows, key columns, S = 1 + P + L; each row
+        sums to one over the unpadded keys) and the output [B, S, W].
         """
-        batch, image_len = image_tokens.shape[:2]
-        x = torch.cat([image_tokens, text_tokens], dim=1)  # [B, 1 + P + L, W]
-        padding = torch.cat([text_padding.new_zeros(batch, image_len), text_padding], dim=1)
+        x, padding = _joint(image_tokens, text_tokens, text_padding)
 
         maps = []
         for layer in self.encoder.layers:
@@ -89,6 +84,18 @@ class SequenceAttention(nn.Module):
             maps.append(weights)  # [B, S, S]
             x = layer(x, src_key_padding_mask=padding)
         return maps, self.norm(x)
+
+
+def _joint(
+    image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_padding: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint sequence and its key padding mask; image tokens are never padding."""
+    batch, image_len = image_tokens.shape[:2]
+    # [B, 1 + P, W] ; [B, L, W] -> [B, 1 + P + L, W]
+    sequence = torch.cat([image_tokens, text_tokens], dim=1)
+    image_padding = text_padding.new_zeros(batch, image_len)
+    padding = torch.cat([image_padding, text_padding], dim=1)  # [B, 1 + P + L]
+    return sequence, padding
 
 
 def _readout_layer(

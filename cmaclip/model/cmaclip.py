@@ -124,9 +124,17 @@ class CMACLIP(nn.Module):
                 text_tokens[rows, eot_index]
             )
 
+        image_tokens, text_tokens = self._fusion_tokens(image_tokens, text_tokens)
+        return fusion.sequence(image_tokens, text_tokens, text_padding, eot_index)
+
+    def _fusion_tokens(
+        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder tokens projected to the fusion width, each with its modality embedding."""
+        fusion = self.fusion
         image_tokens = fusion.image_proj(image_tokens) + fusion.modality_embedding[0]
         text_tokens = fusion.text_proj(text_tokens) + fusion.modality_embedding[1]
-        return fusion.sequence(image_tokens, text_tokens, text_padding, eot_index)
+        return image_tokens, text_tokens  # [B, 1 + P, W], [B, L, W]
 
     def attention_maps(
         self, images: torch.Tensor, text: torch.Tensor
@@ -144,8 +152,7 @@ class CMACLIP(nn.Module):
             )
         image = self.encoders.encode_image(images)
         title = self.encoders.encode_text(text)
-        image_tokens = fusion.image_proj(image.tokens) + fusion.modality_embedding[0]
-        text_tokens = fusion.text_proj(title.tokens) + fusion.modality_embedding[1]
+        image_tokens, text_tokens = self._fusion_tokens(image.tokens, title.tokens)
         maps, _ = fusion.sequence.attention_maps(image_tokens, text_tokens, title.padding_mask)
         return maps, image_tokens.shape[1]
 

@@ -36,8 +36,15 @@ import pyarrow.parquet as pq
 import torch
 
 from cmaclip import __version__
-from cmaclip.data.pipeline import InputSpec, Preprocessor, check_shards, read_columns
-from cmaclip.data.shards import DATASET_INFO_FILE, SPLITS, read_dataset_info, shard_files
+from cmaclip.data.pipeline import InputSpec, Preprocessor, check_shards, raw_batches, read_columns
+from cmaclip.data.shards import (
+    DATASET_INFO_FILE,
+    DEFAULT_MAX_SKIPPED_FRACTION,
+    SPLITS,
+    check_skipped_budget,
+    read_dataset_info,
+    shard_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,18 +146,33 @@ def resolve_checkpoint(path: str | Path, level: str) -> Path:
 
 
 class CacheEncoder:
-    """Ray Data actor: preprocess a batch of shard rows and run the frozen part on it."""
+    """Ray Data actor: preprocess a batch of shard rows and run the frozen part on it.
 
-    def __init__(self, model_dir: str, level: str, text_length: int, threads: int = 1):
+    Like a training run's decoding actor, it stops once more than `max_skipped_fraction` of the
+    rows it has read were skipped (see `Preprocessor`).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        level: str,
+        text_length: int,
+        threads: int = 1,
+        *,
+        max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+        where: str = "shards",
+    ):
         from cmaclip.export import input_spec, load_model
 
         torch.set_num_threads(threads)
         self.model, _ = load_model(model_dir)
-        self.preprocess = Preprocessor(input_spec(self.model))
+        self.preprocess = Preprocessor(
+            input_spec(self.model), max_skipped_fraction=max_skipped_fraction, where=where
+        )
         self.level = level
         self.text_length = text_length
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         inputs = self.preprocess(batch)
         with torch.no_grad():
             outputs = self.model.frozen_outputs(
@@ -173,7 +195,10 @@ class CacheEncoder:
 
 
 def text_length(data_dir: str | Path, spec: InputSpec) -> int:
-    """Tokens up to and including the longest title's end-of-text, over every split."""
+    """Tokens up to and including the longest title's end-of-text, over every split.
+
+    A title that is not valid UTF-8 counts as empty: its row is skipped anyway.
+    """
     import open_clip
 
     from cmaclip.model.encoders import register_model_configs
@@ -182,12 +207,10 @@ def text_length(data_dir: str | Path, spec: InputSpec) -> int:
     tokenizer = open_clip.get_tokenizer(spec.clip_name, context_length=spec.context_length)
     longest = 1
     for split in SPLITS:
-        for path in shard_files(data_dir, split):
-            titles = pq.read_table(path, columns=["title"]).column("title").to_pylist()
-            for start in range(0, len(titles), 4096):
-                chunk = [t if isinstance(t, str) else "" for t in titles[start : start + 4096]]
-                eot = tokenizer(chunk).argmax(dim=-1)
-                longest = max(longest, int(eot.max()) + 1)
+        for batch in raw_batches(data_dir, split, spec.tasks, batch_size=4096, columns=["title"]):
+            titles = [title if isinstance(title, str) else "" for title in batch["title"]]
+            eot = tokenizer(titles).argmax(dim=-1)
+            longest = max(longest, int(eot.max()) + 1)
     return longest
 
 
@@ -201,11 +224,14 @@ def build_cache(
     cpus_per_actor: float = 1.0,
     threads: int = 1,
     batch_size: int = 64,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> dict[str, Any]:
     """Run the frozen part of `model_dir` once over every split of `data_dir` into `out`.
 
     The cache is written into a staging folder and moved into place at the end, so a build that
-    fails leaves no half cache behind (nor removes a previous one). Returns the manifest.
+    fails leaves no half cache behind (nor removes a previous one). A split with more skipped
+    rows than `max_skipped_fraction` of those read (or no usable row) stops the build, as it
+    would stop training on it. Returns the manifest.
     """
     import ray
     import ray.data
@@ -244,9 +270,11 @@ def build_cache(
             CacheEncoder,
             fn_constructor_kwargs={
                 "model_dir": str(model_dir), "level": level, "text_length": length,
-                "threads": threads,
+                "threads": threads, "max_skipped_fraction": max_skipped_fraction,
+                "where": f"cache {out}: {data_dir} {split}",
             },
-            batch_format="numpy",
+            # Arrow tables, as in training: a text value that is not UTF-8 costs its row only
+            batch_format="pyarrow",
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_cpus=cpus_per_actor,
@@ -261,6 +289,14 @@ def build_cache(
         skipped[split] = int(sum((~v.astype(bool)).sum() for v in valid))
         logger.info("cache %s: %s %d rows (%d skipped) in %.0fs", out.name, split, rows[split],
                     skipped[split], time.perf_counter() - split_start)  # fmt: skip
+        # the actors check their own shares once they have read enough; this is the whole split
+        check_skipped_budget(
+            rows[split],
+            skipped[split],
+            max_skipped_fraction,
+            where=f"cache {out}: {data_dir} {split}",
+            option="data.max_skipped_fraction",
+        )
 
     expected = read_dataset_info(data_dir)["rows"]
     for split in SPLITS:
@@ -337,11 +373,14 @@ def check_cache(
     weights: str | Path,
     data_dir: str | Path,
     tasks: Mapping[str, list[str]],
+    max_skipped_fraction: float | None = None,
 ) -> dict[str, Any]:
     """Refuse a cache that was not built for this stage, from these weights and this data.
 
     Returns the manifest. Each refusal names both sides, so that the fix (rebuild the cache, or
-    point the stage at the right one) is plain from the message.
+    point the stage at the right one) is plain from the message. With `max_skipped_fraction`
+    (the stage's `data.max_skipped_fraction`), a cache whose train or val split skipped more
+    of its rows than that is refused too: it may have been built under a looser budget.
     """
     manifest = read_manifest(cache_dir)
     level = manifest["level"]
@@ -374,6 +413,16 @@ def check_cache(
             f"{where}: holds labels of tasks {list(manifest['tasks'])}, but stage {stage} "
             f"trains {list(tasks)} (or their classes differ)"
         )
+
+    if max_skipped_fraction is not None:
+        for split in ("train", "val"):
+            check_skipped_budget(
+                int(manifest["rows"][split]),
+                int(manifest.get("rows_skipped", {}).get(split, 0)),
+                max_skipped_fraction,
+                where=f"{where}: {split}",
+                option="data.max_skipped_fraction",
+            )
     return manifest
 
 

@@ -11,8 +11,8 @@ stage whose best checkpoint sits in `checkpoints/<stage>/` with its `stage.json`
 trained again, an unfinished stage continues from its latest checkpoint in Ray Train's storage,
 and a run with `report.json` does nothing. A resubmission with a config that changes what is
 trained (anything but where and how wide it runs: `scaling`, `tracking`, the data loading
-resources, the failure policy) is refused with the changed keys named; `restart=True` (the CLI's
-`--restart`) deletes the run and trains it anew.
+resources, the failure policy, the error budget) is refused with the changed keys named;
+`restart=True` (the CLI's `--restart`) deletes the run and trains it anew.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import yaml
 from cmaclip import tracking
 from cmaclip.config import STAGES, Config, config_to_dict, flatten, resolve_path
 from cmaclip.data.pipeline import TENSOR_COLUMNS, InputSpec, check_shards, ray_dataset
-from cmaclip.data.shards import read_dataset_info, shard_files
+from cmaclip.data.shards import TooManySkippedError, read_dataset_info, shard_files
 from cmaclip.evaluate import Evaluation, evaluate_model, precision_thresholds, write_report
 from cmaclip.export import (
     META,
@@ -49,13 +49,15 @@ logger = logging.getLogger(__name__)
 
 STAGE_MARKER = "stage.json"
 RUN_STATE = "run.json"
-# config keys a resubmission may change: where and how wide the run goes, not what it trains
+# config keys a resubmission may change: where and how wide the run goes, not what it trains.
+# The error budget is one of them: a run it stopped is resubmitted with a higher budget.
 RESUMABLE_KEYS = (
     "scaling.",
     "tracking.",
     "data.preprocess_concurrency",
     "data.preprocess_cpus",
     "data.read_cpus",
+    "data.max_skipped_fraction",
     "run.max_failures",
     "run.collective_timeout_s",
 )
@@ -139,9 +141,8 @@ def stage_trainer(
     """The Ray Train `TorchTrainer` of one stage; a run fits it, a search trial too.
 
     With `cache_dir` the workers read a cache's rows instead of pixels and token ids, and
-    `datasets` is not used;
-    `init_parts` loads only those weights of `init_weights` (a trial whose fusion widths differ
-    from the checkpoint's keeps its fresh fusion and heads).
+    `datasets` is not used. `init_parts` loads only those weights of `init_weights` (a trial
+    whose fusion widths differ from the checkpoint's keeps its fresh fusion and heads).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -334,25 +335,32 @@ def stage_cache(
     setting = config.stages[stage].cache
     if setting is None:
         return None
+    budget = config.data.max_skipped_fraction
     if setting == "build":
         cache_dir = config.run_dir() / "cache" / stage
         try:  # built by an earlier submission of this run, from the same weights and data
             check_cache(
-                cache_dir, stage=stage, weights=weights, data_dir=config.data_path(), tasks=tasks
-            )
+                cache_dir, stage=stage, weights=weights, data_dir=config.data_path(), tasks=tasks,
+                max_skipped_fraction=budget,
+            )  # fmt: skip
             logger.info("stage %s reads the cache %s, built before", stage, cache_dir)
             return cache_dir
+        except TooManySkippedError:
+            raise  # the data is as broken as when the cache was built: rebuilding changes nothing
         except (FileNotFoundError, ValueError):
             pass
         build_cache(
             weights, config.data_path(), STAGE_LEVEL[stage], cache_dir,
             concurrency=config.data.preprocess_concurrency,
             cpus_per_actor=config.data.preprocess_cpus,
-            threads=config.scaling.torch_threads or 1,
+            threads=config.scaling.torch_threads or 1, max_skipped_fraction=budget,
         )  # fmt: skip
     else:
         cache_dir = resolve_path(setting)
-    check_cache(cache_dir, stage=stage, weights=weights, data_dir=config.data_path(), tasks=tasks)
+    check_cache(
+        cache_dir, stage=stage, weights=weights, data_dir=config.data_path(), tasks=tasks,
+        max_skipped_fraction=budget,
+    )  # fmt: skip
     logger.info("stage %s reads the cache %s", stage, cache_dir)
     return cache_dir
 
