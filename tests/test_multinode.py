@@ -8,6 +8,7 @@ system would be on a real cluster.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,16 @@ def two_nodes(tmp_path_factory):
     os.environ["CMACLIP_HOME"] = str(home)
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
 
-    cluster = Cluster(initialize_head=True, head_node_args=NODE)
+    # a dashboard port of its own (the state API below goes through it), whatever else runs here
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dashboard_port = probe.getsockname()[1]
+    head = {**NODE, "include_dashboard": True, "dashboard_port": dashboard_port}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     worker_node = cluster.add_node(**NODE)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=True)
-    yield home, {cluster.head_node.node_id, worker_node.node_id}
+    yield home, cluster.address, {cluster.head_node.node_id, worker_node.node_id}
 
     ray.shutdown()
     cluster.shutdown()
@@ -45,7 +51,7 @@ def test_a_stage_trains_with_one_worker_on_each_node(two_nodes, emoji_shards, tm
     import ray
     from ray.util.state import list_actors
 
-    home, node_ids = two_nodes
+    home, address, node_ids = two_nodes
     assert len({node["NodeID"] for node in ray.nodes() if node["Alive"]}) == 2
     storage = tmp_path / "shared-storage"
 
@@ -69,7 +75,9 @@ def test_a_stage_trains_with_one_worker_on_each_node(two_nodes, emoji_shards, tm
     )
     report = train(config)
 
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+    workers = list_actors(
+        address=address, filters=[("class_name", "=", "RayTrainWorker")], detail=True
+    )
     assert {actor.node_id for actor in workers} == node_ids
 
     # the stage's checkpoint went through the shared storage path, and the run finished
