@@ -14,6 +14,11 @@ import typer
 from cmaclip.data.cli import data_app
 from cmaclip.data.shards import DEFAULT_MAX_SKIPPED_FRACTION
 
+# the error budget, as `cmaclip evaluate` and `cmaclip cache` take it
+MaxSkippedFraction = Annotated[
+    float, typer.Option(min=0, max=1, help="Stop when more of the rows read are skipped than this")
+]
+
 app = typer.Typer(
     help="CMA-CLIP on Ray: multi-task image-text classification.", no_args_is_help=True
 )
@@ -85,10 +90,7 @@ def evaluate(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Which rows noise corrupts, and how")] = 0,
-    max_skipped_fraction: Annotated[
-        float,
-        typer.Option(min=0, max=1, help="Stop when more of the rows read are skipped than this"),
-    ] = DEFAULT_MAX_SKIPPED_FRACTION,
+    max_skipped_fraction: MaxSkippedFraction = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> None:
     """Score a model on a shard folder and print the per-task table (and one per noise)."""
     from cmaclip.evaluate import evaluate as run_evaluation
@@ -242,10 +244,7 @@ def cache(
     out: Annotated[Path, typer.Option(help="The cache folder to write")],
     concurrency: Annotated[int, typer.Option(help="Ray Data actors, one model each")] = 1,
     threads: Annotated[int, typer.Option(help="torch threads per actor")] = 2,
-    max_skipped_fraction: Annotated[
-        float,
-        typer.Option(min=0, max=1, help="Stop when more of the rows read are skipped than this"),
-    ] = DEFAULT_MAX_SKIPPED_FRACTION,
+    max_skipped_fraction: MaxSkippedFraction = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> None:
     """Run a model's frozen part once over every split and store its outputs for a stage."""
     import ray
