@@ -192,7 +192,7 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from cmaclip.serving import ENCODER_APP, run_local
+    from cmaclip.serving import ENCODER_APP, run_local, serve_environment
 
     torch.set_num_threads(args.torch_threads)
     scratch = tempfile.TemporaryDirectory()
@@ -203,7 +203,10 @@ def main() -> None:
     raw = raw_throughput(args.model, bodies, args.batch_size, seconds=args.raw_seconds)
     logger.info("raw: %s", raw)
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own cluster
+    # the service as `cmaclip serve` runs it (HAProxy in front), in a cluster of its own
+    environment = serve_environment(Path(scratch.name) / "haproxy")
+    os.environ.update(environment)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     options = {"model": str(args.model), "max_batch_size": args.batch_size,
                "torch_threads": args.torch_threads}  # fmt: skip
     url = run_local(options, port=_free_port())
@@ -235,6 +238,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         "model": str(args.config or args.model),
         "torch_threads": args.torch_threads,
+        "haproxy": environment["RAY_SERVE_ENABLE_HA_PROXY"] == "1",
         "raw_in_process": raw,
         "served": runs,
     }

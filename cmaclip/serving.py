@@ -18,6 +18,7 @@ form for one model folder.
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,17 @@ logger = logging.getLogger(__name__)
 ENCODER_APP = "cmaclip-encoder"
 MODEL_HELP = "Model folder (runs/NAME/model) or MLflow URI (runs:/ID/model)"
 
+# Serve's own HTTP proxy, a Python actor, costs about as much CPU per request as the model itself
+# on a small machine (the proxy, plus actor calls between it and the ingress for every request).
+# With HAProxy on the HTTP port (Ray's high-throughput mode; the binary comes with ray[serve])
+# a request goes straight to an HTTP server inside the ingress replica. Serve reads these when
+# each Ray process starts: they belong in the environment of `ray start` or of the `ray.init`
+# that starts a local cluster (see `serve_environment`), not in a deployment's options.
+SERVE_ENVIRONMENT = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # its default of 4 threads is meant for larger machines
+}
+
 
 class EncoderArgs(BaseModel):
     """The encoder application's arguments (`args:` of `cmaclip-encoder` in serve/config.yaml)."""
@@ -66,7 +78,11 @@ class EncoderArgs(BaseModel):
 
     model: str = Field(description=MODEL_HELP)
     max_batch_size: int = Field(32, ge=1, description="Largest batch the encoder runs, in items")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Longest wait to fill a batch")
+    batch_wait_timeout_s: float = Field(
+        0.002,
+        ge=0,
+        description="Longest wait to fill a batch; short, since chunks come whole from an ingress",
+    )
     torch_threads: int = Field(1, ge=1, description="torch threads in the encoder replica")
 
 
@@ -85,10 +101,11 @@ class ServeArgs(BaseModel):
     )
     max_batch_size: int = Field(32, ge=1, description="Largest chunk sent to encoder and heads")
     chunks_in_flight: int = Field(
-        2,
+        1,
         ge=1,
-        description="Chunks the ingress has at encoder and heads at once (2: one "
-        "computes while the next gathers)",
+        description="Chunks the ingress has at the encoder at once. 1 makes the largest chunks "
+        "(every request that arrived meanwhile); more keep the encoder fed between chunks but "
+        "split the same requests into smaller chunks, which cost more calls per item",
     )
     max_batch_items: int = Field(64, ge=1, description="Most items in one /v1/classify/batch")
     max_body_bytes: int = Field(16 << 20, ge=1024, description="Largest request body")
@@ -129,7 +146,7 @@ def _rows(chunks: list[tuple[np.ndarray, ...]]) -> int:
 
 def _batch_options(config: dict[str, Any], method) -> None:
     method.set_max_batch_size(int(config.get("max_batch_size", 32)))
-    method.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+    method.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.002)))
 
 
 def _split(array: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
@@ -171,7 +188,7 @@ class Encoder:
             "pid": os.getpid(),
         }
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=_rows)
     async def encode(self, chunks: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple]:
         sizes = [len(images) for images, _ in chunks]
         self.batch_sizes[sum(sizes)] += 1
@@ -264,18 +281,28 @@ def _item_error(error: ItemError, where: str = "") -> HTTPException:
 
 
 class _Chunker:
-    """Requests that arrive while earlier chunks are in flight, sent on together as one chunk.
+    """Requests that arrive while earlier chunks are at the encoder, sent on as one chunk.
 
     `@serve.batch` cuts a batch when its wait ends whether or not the previous batch has come
     back, and its batches then queue one behind the other: under load they stay near one item
-    and every item pays for one call to the encoder and one per head. Here a chunk leaves only
-    when one of `in_flight` slots is free, with every request queued by then (up to `max_size`):
-    one item without waiting when the service is idle, large chunks when it is busy.
+    and every item pays for one call to the encoder and one per head. Here a chunk leaves when
+    one of `in_flight` slots at the encoder is free, with every request queued by then (up to
+    `max_size`): one item without waiting when the service is idle, large chunks when it is
+    busy. A chunk gives its slot back as soon as the encoder has answered (`first`), so the
+    encoder is fed the next chunk while the heads score this one (`then`).
     Defined before `Ingress` for the reason given in `_call`.
     """
 
-    def __init__(self, send: Callable[[list], Awaitable[list]], *, max_size: int, in_flight: int):
-        self.send, self.max_size, self.in_flight = send, max_size, in_flight
+    def __init__(
+        self,
+        first: Callable[[list], Awaitable[Any]],
+        then: Callable[[list, Any], Awaitable[list]],
+        *,
+        max_size: int,
+        in_flight: int,
+    ):
+        self.first, self.then = first, then
+        self.max_size, self.in_flight = max_size, in_flight
         self.queue: deque[tuple[Any, asyncio.Future]] = deque()
         self.running = 0
         self.tasks: set[asyncio.Task] = set()
@@ -296,8 +323,14 @@ class _Chunker:
             task.add_done_callback(self.tasks.discard)
 
     async def _run(self, chunk: list[tuple[Any, asyncio.Future]]) -> None:
+        requests = [request for request, _ in chunk]
         try:
-            answers = await self.send([request for request, _ in chunk])
+            try:
+                partial = await self.first(requests)
+            finally:
+                self.running -= 1
+                self._start()
+            answers = await self.then(requests, partial)
         except Exception as error:  # every request of the chunk gets the error, e.g. a 503
             for _, future in chunk:
                 if not future.done():  # a client that hung up has cancelled its future
@@ -306,9 +339,6 @@ class _Chunker:
             for (_, future), answer in zip(chunk, answers, strict=True):
                 if not future.done():
                     future.set_result(answer)
-        finally:
-            self.running -= 1
-            self._start()
 
 
 async def _call(method, *args, retries: int = 2):
@@ -342,7 +372,10 @@ class Ingress:
         self.encoder_checked = False
         self.preparer = ItemPreparer(info["input"], max_pixels=self.args.max_image_pixels)
         self.chunker = _Chunker(
-            self._infer, max_size=self.args.max_batch_size, in_flight=self.args.chunks_in_flight
+            self._encode,
+            self._score,
+            max_size=self.args.max_batch_size,
+            in_flight=self.args.chunks_in_flight,
         )
 
     # -- endpoints ---------------------------------------------------------------------------
@@ -518,16 +551,18 @@ class Ingress:
             )
         return {"tasks": answers, **prepared.notes}
 
-    async def _infer(self, requests: list[tuple[Any, tuple[str, ...]]]) -> list[tuple]:
-        """A chunk of requests (see `_Chunker`): one encoder call, one call per head.
+    async def _encode(self, requests: list[tuple[Any, tuple[str, ...]]]) -> tuple:
+        """A chunk of requests (see `_Chunker`) through the encoder, in one call.
 
         Sending chunks rather than single items keeps the number of calls between replicas per
-        batch, not per item, which matters once the model itself is fast.
+        chunk, not per item, which matters once the model itself is fast.
         """
         images = np.stack([prepared.image for prepared, _ in requests])  # [n, 3, S, S]
         text = np.stack([prepared.text for prepared, _ in requests])  # [n, L]
-        embeddings = await _call(self.encoder.encode, (images, text))
+        return await _call(self.encoder.encode, (images, text))
 
+    async def _score(self, requests: list[tuple[Any, tuple[str, ...]]], embeddings: tuple):
+        """The chunk's I and T through each asked task's head, the heads in parallel."""
         tasks = list(dict.fromkeys(task for _, asked in requests for task in asked))
         scores = await asyncio.gather(
             *(_call(self.heads[task].score, embeddings) for task in tasks)
@@ -606,6 +641,37 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     logger.info("application for %s (%s), heads %s, built in %.1fs", model, info["model_version"],
                 list(heads), time.perf_counter() - started)  # fmt: skip
     return Ingress.bind(head_handles, info, parsed.model_dump())
+
+
+def serve_environment(scratch: Path | None = None) -> dict[str, str]:
+    """`SERVE_ENVIRONMENT`, where every variable already set in this process wins.
+
+    HAProxy keeps its config, admin socket and state under /tmp/haproxy-serve and serves stats
+    and metrics on fixed ports, one set per machine. Two Ray clusters on one machine (a test
+    suite next to a running service) each need their own: `scratch` gives them a folder and
+    free ports.
+
+        os.environ.update(serve_environment())
+        ray.init()
+    """
+    environment = dict(SERVE_ENVIRONMENT)
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+        environment |= {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(scratch / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(scratch / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(scratch),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(scratch / "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        }
+    return {name: os.environ.get(name, value) for name, value in environment.items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_local(args: dict[str, Any], *, host: str = "127.0.0.1", port: int = 8000) -> str:

@@ -32,6 +32,7 @@ from cmaclip.export import META, save_model
 from cmaclip.model.cmaclip import CMACLIP
 from cmaclip.predict import Predictor
 from cmaclip.serving import ENCODER_APP, ServeArgs, _describe_heads
+from cmaclip.serving import serve_environment as serve_environment_for
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +88,21 @@ def rows(emoji_shards) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, model_dir):
+def serve_environment(tmp_path_factory):
+    """HAProxy in front of the ingress, as `cmaclip serve` has it; set before `ray_cluster`."""
+    environment = serve_environment_for(tmp_path_factory.mktemp("haproxy"))
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    yield environment
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def server(serve_environment, ray_cluster, model_dir):
     from ray import serve
 
     from cmaclip.serving import run_local
