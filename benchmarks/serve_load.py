@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -204,7 +205,7 @@ def main() -> None:
     logger.info("raw: %s", raw)
 
     # the service as `cmaclip serve` runs it (HAProxy in front), in a cluster of its own
-    environment = serve_environment(Path(scratch.name) / "haproxy")
+    environment = serve_environment(own_haproxy=True)
     os.environ.update(environment)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     options = {"model": str(args.model), "max_batch_size": args.batch_size,
@@ -243,6 +244,7 @@ def main() -> None:
         "served": runs,
     }
     scratch.cleanup()
+    shutil.rmtree(environment["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     logger.info("wrote %s", args.out)

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -88,9 +89,9 @@ def rows(emoji_shards) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def serve_environment(tmp_path_factory):
+def serve_environment():
     """HAProxy in front of the ingress, as `cmaclip serve` has it; set before `ray_cluster`."""
-    environment = serve_environment_for(tmp_path_factory.mktemp("haproxy"))
+    environment = serve_environment_for(own_haproxy=True)
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     yield environment
@@ -99,6 +100,7 @@ def serve_environment(tmp_path_factory):
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+    shutil.rmtree(environment["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
