@@ -1,6 +1,6 @@
 """The Ray Serve service: an HTTP ingress, one batched encoder, one deployment per task head.
 
-    client --HTTP--> Ingress (FastAPI: validate, decode, tokenize; batches its own requests)
+    client --HTTP--> HAProxy --> Ingress (FastAPI: validate, decode, tokenize; chunks requests)
                        |--> Encoder (CLIP encoders + sequence-wise attention, @serve.batch) -> I, T
                        |--> head_<task> for each asked task, in parallel (modality-wise attention
                             + MLP, @serve.batch) -> probabilities, image weight
