@@ -189,7 +189,7 @@ class Encoder:
             "pid": os.getpid(),
         }
 
-    # Limitation: on 2 CPUs this replica's one torch thread bounds the service (about 180
+    # Limitation: on 2 CPUs this replica's one torch thread bounds the service (165 to 180
     # requests/s with the emoji model at 32 clients). Between two chunks it waits about 15 ms
     # for its answer to go back through the ingress and the next chunk to come in, and the
     # other replicas sharing its core take about 15% of its compute time, so it computes about
