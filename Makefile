@@ -13,6 +13,10 @@ DASHBOARD := 127.0.0.1:8265
 export CMACLIP_HOME := $(CURDIR)
 # keep Ray's token authentication on, for the head and for `ray job submit`
 export RAY_AUTH_MODE := token
+# Serve behind HAProxy for `ray start`, `serve run` and `cmaclip serve` (SERVE_ENVIRONMENT in
+# cmaclip/serving.py says why); RAY_SERVE_ENABLE_HA_PROXY=0 on the command line for Serve's proxy
+export RAY_SERVE_ENABLE_HA_PROXY ?= 1
+export RAY_SERVE_HAPROXY_NBTHREAD ?= 1
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install demo data train-job evaluate ray-up ray-down test test-fast lint mlflow clean

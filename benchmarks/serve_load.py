@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -192,7 +193,7 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from cmaclip.serving import ENCODER_APP, run_local
+    from cmaclip.serving import ENCODER_APP, run_local, serve_environment
 
     torch.set_num_threads(args.torch_threads)
     scratch = tempfile.TemporaryDirectory()
@@ -203,7 +204,10 @@ def main() -> None:
     raw = raw_throughput(args.model, bodies, args.batch_size, seconds=args.raw_seconds)
     logger.info("raw: %s", raw)
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own cluster
+    # the service as `cmaclip serve` runs it (HAProxy in front), in a cluster of its own
+    environment = serve_environment(own_haproxy=True)
+    os.environ.update(environment)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     options = {"model": str(args.model), "max_batch_size": args.batch_size,
                "torch_threads": args.torch_threads}  # fmt: skip
     url = run_local(options, port=_free_port())
@@ -235,10 +239,12 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         "model": str(args.config or args.model),
         "torch_threads": args.torch_threads,
+        "haproxy": environment["RAY_SERVE_ENABLE_HA_PROXY"] == "1",
         "raw_in_process": raw,
         "served": runs,
     }
     scratch.cleanup()
+    shutil.rmtree(environment["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     logger.info("wrote %s", args.out)

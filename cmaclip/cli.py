@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -218,10 +219,13 @@ def serve(
     import ray
     from ray import serve as ray_serve
 
-    from cmaclip.serving import run_local
+    from cmaclip.serving import run_local, serve_environment
 
     setup_logging()
     if not ray.is_initialized():
+        # HAProxy in front of the ingress when this starts the cluster; a cluster started by
+        # `ray start` (make ray-up) has the variables of its own environment
+        os.environ.update(serve_environment())
         ray.init(log_to_driver=False)
     url = run_local({"model": model, "max_batch_size": max_batch_size}, host=host, port=port)
     typer.echo(f"serving {model} at {url} (OpenAPI docs at {url}/docs); Ctrl-C stops")

@@ -1,6 +1,6 @@
 """The Ray Serve service: an HTTP ingress, one batched encoder, one deployment per task head.
 
-    client --HTTP--> Ingress (FastAPI: validate, decode, tokenize; batches its own requests)
+    client --HTTP--> HAProxy --> Ingress (FastAPI: validate, decode, tokenize; chunks requests)
                        |--> Encoder (CLIP encoders + sequence-wise attention, @serve.batch) -> I, T
                        |--> head_<task> for each asked task, in parallel (modality-wise attention
                             + MLP, @serve.batch) -> probabilities, image weight
@@ -18,8 +18,11 @@ form for one model folder.
 import asyncio
 import logging
 import os
+import socket
+import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,17 @@ logger = logging.getLogger(__name__)
 ENCODER_APP = "cmaclip-encoder"
 MODEL_HELP = "Model folder (runs/NAME/model) or MLflow URI (runs:/ID/model)"
 
+# Serve's own HTTP proxy, a Python actor, costs about as much CPU per request as the model itself
+# on a small machine (the proxy, plus actor calls between it and the ingress for every request).
+# With HAProxy on the HTTP port (Ray's high-throughput mode; the binary comes with ray[serve])
+# a request goes straight to an HTTP server inside the ingress replica. Serve reads these when
+# each Ray process starts: they belong in the environment of `ray start` or of the `ray.init`
+# that starts a local cluster (see `serve_environment`), not in a deployment's options.
+SERVE_ENVIRONMENT = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # its default of 4 threads is meant for larger machines
+}
+
 
 class EncoderArgs(BaseModel):
     """The encoder application's arguments (`args:` of `cmaclip-encoder` in serve/config.yaml)."""
@@ -65,7 +79,11 @@ class EncoderArgs(BaseModel):
 
     model: str = Field(description=MODEL_HELP)
     max_batch_size: int = Field(32, ge=1, description="Largest batch the encoder runs, in items")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Longest wait to fill a batch")
+    batch_wait_timeout_s: float = Field(
+        0.002,
+        ge=0,
+        description="Longest wait to fill a batch; short, since chunks come whole from an ingress",
+    )
     torch_threads: int = Field(1, ge=1, description="torch threads in the encoder replica")
 
 
@@ -83,6 +101,13 @@ class ServeArgs(BaseModel):
         "fusion weights, e.g. a `tuning` run started from the same checkpoint.",
     )
     max_batch_size: int = Field(32, ge=1, description="Largest chunk sent to encoder and heads")
+    chunks_in_flight: int = Field(
+        1,
+        ge=1,
+        description="Chunks the ingress has at the encoder at once. 1 makes the largest chunks "
+        "(every request that arrived meanwhile); more keep the encoder fed between chunks but "
+        "split the same requests into smaller chunks, which cost more calls per item",
+    )
     max_batch_items: int = Field(64, ge=1, description="Most items in one /v1/classify/batch")
     max_body_bytes: int = Field(16 << 20, ge=1024, description="Largest request body")
     max_image_bytes: int = Field(8 << 20, ge=1024, description="Largest image file")
@@ -122,7 +147,7 @@ def _rows(chunks: list[tuple[np.ndarray, ...]]) -> int:
 
 def _batch_options(config: dict[str, Any], method) -> None:
     method.set_max_batch_size(int(config.get("max_batch_size", 32)))
-    method.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+    method.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.002)))
 
 
 def _split(array: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
@@ -164,7 +189,12 @@ class Encoder:
             "pid": os.getpid(),
         }
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
+    # Limitation: on 2 CPUs this replica's one torch thread bounds the service (165 to 180
+    # requests/s with the emoji model at 32 clients). Between two chunks it waits about 15 ms
+    # for its answer to go back through the ingress and the next chunk to come in, and the
+    # other replicas sharing its core take about 15% of its compute time, so it computes about
+    # 80% of the time and a quarter of the two cores stays idle.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=_rows)
     async def encode(self, chunks: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple]:
         sizes = [len(images) for images, _ in chunks]
         self.batch_sizes[sum(sizes)] += 1
@@ -256,6 +286,67 @@ def _item_error(error: ItemError, where: str = "") -> HTTPException:
     return HTTPException(status_code=error.status, detail=f"{where}{error}")
 
 
+class _Chunker:
+    """Requests that arrive while earlier chunks are at the encoder, sent on as one chunk.
+
+    `@serve.batch` cuts a batch when its wait ends whether or not the previous batch has come
+    back, and its batches then queue one behind the other: under load they stay near one item
+    and every item pays for one call to the encoder and one per head. Here a chunk leaves when
+    one of `in_flight` slots at the encoder is free, with every request queued by then (up to
+    `max_size`): one item without waiting when the service is idle, large chunks when it is
+    busy. A chunk gives its slot back as soon as the encoder has answered (`first`), so the
+    encoder is fed the next chunk while the heads score this one (`then`).
+    Defined before `Ingress` for the reason given in `_call`.
+    """
+
+    def __init__(
+        self,
+        first: Callable[[list], Awaitable[Any]],
+        then: Callable[[list, Any], Awaitable[list]],
+        *,
+        max_size: int,
+        in_flight: int,
+    ):
+        self.first, self.then = first, then
+        self.max_size, self.in_flight = max_size, in_flight
+        self.queue: deque[tuple[Any, asyncio.Future]] = deque()
+        self.running = 0
+        self.tasks: set[asyncio.Task] = set()
+
+    async def submit(self, request: Any) -> Any:
+        """The request's answer, computed in whichever chunk the request lands in."""
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((request, future))
+        self._start()
+        return await future
+
+    def _start(self) -> None:
+        while self.queue and self.running < self.in_flight:
+            chunk = [self.queue.popleft() for _ in range(min(self.max_size, len(self.queue)))]
+            self.running += 1
+            task = asyncio.create_task(self._run(chunk))
+            self.tasks.add(task)  # a reference, so that the task is not collected mid-flight
+            task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, chunk: list[tuple[Any, asyncio.Future]]) -> None:
+        requests = [request for request, _ in chunk]
+        try:
+            try:
+                partial = await self.first(requests)
+            finally:
+                self.running -= 1
+                self._start()
+            answers = await self.then(requests, partial)
+        except Exception as error:  # every request of the chunk gets the error, e.g. a 503
+            for _, future in chunk:
+                if not future.done():  # a client that hung up has cancelled its future
+                    future.set_exception(error)
+        else:
+            for (_, future), answer in zip(chunk, answers, strict=True):
+                if not future.done():
+                    future.set_result(answer)
+
+
 async def _call(method, *args, retries: int = 2):
     """Call a replica; when it dies with the call in flight, send the call again.
 
@@ -286,7 +377,12 @@ class Ingress:
         self.encoder = serve.get_deployment_handle("Encoder", app_name=self.args.encoder_app)
         self.encoder_checked = False
         self.preparer = ItemPreparer(info["input"], max_pixels=self.args.max_image_pixels)
-        self._infer.set_max_batch_size(self.args.max_batch_size)
+        self.chunker = _Chunker(
+            self._encode,
+            self._score,
+            max_size=self.args.max_batch_size,
+            in_flight=self.args.chunks_in_flight,
+        )
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -442,14 +538,13 @@ class Ingress:
                 f"deploy both with the same `model`",
             )
         # a chunk larger than the encoder's batch would be refused by its batch queue
-        limit = min(self.args.max_batch_size, described["max_batch_size"])
-        self._infer.set_max_batch_size(limit)
+        self.chunker.max_size = min(self.args.max_batch_size, described["max_batch_size"])
         self.encoder_checked = True
 
     async def _answer(self, prepared, tasks: list[str], top_k: int) -> dict[str, Any]:
         if not self.encoder_checked:
             await self._check_encoder()
-        probabilities, image_weight = await self._infer((prepared, tuple(tasks)))
+        probabilities, image_weight = await self.chunker.submit((prepared, tuple(tasks)))
         answers = {}
         for task in tasks:
             described = self.info["tasks"][task]
@@ -462,20 +557,18 @@ class Ingress:
             )
         return {"tasks": answers, **prepared.notes}
 
-    # Limitation: on 2 CPUs with the 9.5M-parameter emoji model the service answers about 15
-    # requests/s, 0.11 of the model's own throughput; chunks stay near one item, so the cost sits
-    # before this point (proxy and request handling) and has not been profiled yet.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _infer(self, requests: list[tuple[Any, tuple[str, ...]]]) -> list[tuple]:
-        """The requests this replica holds, as one chunk: one encoder call, one call per head.
+    async def _encode(self, requests: list[tuple[Any, tuple[str, ...]]]) -> tuple:
+        """A chunk of requests (see `_Chunker`) through the encoder, in one call.
 
         Sending chunks rather than single items keeps the number of calls between replicas per
-        batch, not per item, which matters once the model itself is fast.
+        chunk, not per item, which matters once the model itself is fast.
         """
         images = np.stack([prepared.image for prepared, _ in requests])  # [n, 3, S, S]
         text = np.stack([prepared.text for prepared, _ in requests])  # [n, L]
-        embeddings = await _call(self.encoder.encode, (images, text))
+        return await _call(self.encoder.encode, (images, text))
 
+    async def _score(self, requests: list[tuple[Any, tuple[str, ...]]], embeddings: tuple):
+        """The chunk's I and T through each asked task's head, the heads in parallel."""
         tasks = list(dict.fromkeys(task for _, asked in requests for task in asked))
         scores = await asyncio.gather(
             *(_call(self.heads[task].score, embeddings) for task in tasks)
@@ -554,6 +647,39 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     logger.info("application for %s (%s), heads %s, built in %.1fs", model, info["model_version"],
                 list(heads), time.perf_counter() - started)  # fmt: skip
     return Ingress.bind(head_handles, info, parsed.model_dump())
+
+
+def serve_environment(*, own_haproxy: bool = False) -> dict[str, str]:
+    """`SERVE_ENVIRONMENT`, where every variable already set in this process wins.
+
+    HAProxy keeps its config, admin socket and state under /tmp/haproxy-serve and serves stats
+    and metrics on fixed ports, one set per machine. Two Ray clusters on one machine (a test
+    suite next to a running service) each need their own: `own_haproxy` gives this one a new
+    folder under /tmp and free ports.
+
+        os.environ.update(serve_environment())
+        ray.init()
+    """
+    environment = {name: os.environ.get(name, value) for name, value in SERVE_ENVIRONMENT.items()}
+    if own_haproxy:
+        # short: HAProxy refuses an admin socket path over 97 characters, and Ray puts the
+        # socket in a folder of its own (56 characters) below this one
+        folder = Path(tempfile.mkdtemp(prefix="haproxy-", dir="/tmp"))
+        environment |= {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        }
+    return environment
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_local(args: dict[str, Any], *, host: str = "127.0.0.1", port: int = 8000) -> str:

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -32,6 +33,7 @@ from cmaclip.export import META, save_model
 from cmaclip.model.cmaclip import CMACLIP
 from cmaclip.predict import Predictor
 from cmaclip.serving import ENCODER_APP, ServeArgs, _describe_heads
+from cmaclip.serving import serve_environment as serve_environment_for
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +89,22 @@ def rows(emoji_shards) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, model_dir):
+def serve_environment():
+    """HAProxy in front of the ingress, as `cmaclip serve` has it; set before `ray_cluster`."""
+    environment = serve_environment_for(own_haproxy=True)
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    yield environment
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    shutil.rmtree(environment["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(serve_environment, ray_cluster, model_dir):
     from ray import serve
 
     from cmaclip.serving import run_local
