@@ -82,6 +82,14 @@ class DataConfig(_Strict):
     loss_weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
         default_factory=dict
     )
+    preprocess_in: Literal["actors", "worker"] = Field(
+        default="actors",
+        description=(
+            "Where images are decoded and titles tokenized for training: in Ray Data actors "
+            "(large images, CPUs to spare beside the trainers) or in each training worker, as "
+            "it collates a batch (small images, few CPUs: no actor to start every epoch)."
+        ),
+    )
     preprocess_concurrency: int = Field(default=1, ge=1, description="Ray Data decoding actors.")
     preprocess_cpus: float = Field(
         default=0.5, gt=0, description="CPUs reserved per decoding actor; fractional on a laptop."

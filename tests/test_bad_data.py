@@ -581,6 +581,29 @@ def test_ray_data_decoding_actors_count_the_corpus_like_evaluation(
 
 
 @pytest.mark.slow
+def test_a_worker_preprocessing_its_own_batches_counts_the_corpus_like_the_actors(
+    tmp_path: Path, ray_cluster
+) -> None:
+    from cmaclip.data.pipeline import TENSOR_COLUMNS, ray_dataset
+    from cmaclip.training.loop import PreprocessCollate
+
+    folder = write_shards(tmp_path, [*_good_rows(), *(_corpus_row(name) for name in KINDS)])
+    collate = PreprocessCollate(SPEC, max_skipped_fraction=0.9, where=f"{folder} test")
+
+    # the path of `data.preprocess_in: worker`: shard rows streamed as read, collated in place
+    rows = ray_dataset(folder, "test", SPEC, preprocess=False).iterator()
+    batches = list(rows.iter_torch_batches(batch_size=4, collate_fn=collate))
+
+    assert set(batches[0]) == set(TENSOR_COLUMNS)
+    valid = torch.cat([batch["valid"] for batch in batches])
+    assert len(valid) == GOOD_ROWS + len(KINDS) == collate.preprocess.rows_read
+    assert int((~valid).sum()) == len(SKIPPED) == collate.preprocess.rows_skipped
+    for reason in collate.preprocess.reasons:  # "row <id>: image: <why>", the first three
+        name = reason.split(":")[0].removeprefix("row ")
+        assert name in SKIPPED and KINDS[name].reason in reason
+
+
+@pytest.mark.slow
 def test_a_training_run_reads_its_budget_from_the_config(tmp_path: Path, ray_cluster) -> None:
     from cmaclip.training.run import _datasets
 

@@ -331,8 +331,10 @@ def _history(config, stage: str, name: str) -> list[tuple[int, float]]:
 def test_a_killed_worker_is_replaced_and_the_stage_resumes_after_its_last_checkpoint(
     ray_cluster, emoji_shards, tmp_path
 ):
+    # Ray Data's decoding actors here (the other runs preprocess in the workers)
     config = _config(emoji_shards, tmp_path, "killed", "stages.warmup.epochs=3",
-                     "stages.tuning.enabled=false", "run.max_failures=1")  # fmt: skip
+                     "stages.tuning.enabled=false", "run.max_failures=1",
+                     "data.preprocess_in=actors")  # fmt: skip
     killer = _Killer(config.storage_path(), "warmup", after=1)
     killer.start()
     try:

@@ -256,8 +256,12 @@ def ray_dataset(
     read_cpus: float = 0.25,
     shuffle_files: bool = False,
     max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+    preprocess: bool = True,
 ):
     """A streaming Ray Dataset of preprocessed rows of one split.
+
+    With `preprocess=False` it streams the shard rows as read (image bytes, titles, labels),
+    for a consumer that runs the `Preprocessor` itself (`data.preprocess_in: worker`).
 
     With `shuffle_files` the shard files are read in a new order each time; the training loop
     adds a local shuffle buffer per worker, which is how rows get mixed without ever holding
@@ -278,6 +282,8 @@ def ray_dataset(
         num_cpus=read_cpus,
         shuffle="files" if shuffle_files else None,
     )
+    if not preprocess:
+        return dataset
     return dataset.map_batches(
         Preprocessor,
         fn_constructor_kwargs={

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from open_clip.loss import ClipLoss
+from ray.data.collate_fn import ArrowBatchCollateFn
 
 from cmaclip.config import Config
-from cmaclip.data.pipeline import TENSOR_COLUMNS
-from cmaclip.export import load_weights, write_model_files
+from cmaclip.data.pipeline import TENSOR_COLUMNS, Preprocessor
+from cmaclip.export import input_spec, load_weights, write_model_files
 from cmaclip.metrics import macro_accuracy_from_confusion
 from cmaclip.model.cmaclip import CMACLIP
 from cmaclip.tracking import log_metrics
@@ -66,6 +70,19 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def make_optimizer(params: list[torch.nn.Parameter], stage_config) -> torch.optim.AdamW:
+    """AdamW over the trained parameters, fused into one kernel per step where torch has one.
+
+    The default on a CPU updates each of the model's ~100 tensors with its own handful of
+    Python-dispatched ops, a tenth of a training step for the emoji model; the fused update
+    computes the same rule.
+    """
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(
+        params, lr=stage_config.lr, weight_decay=stage_config.weight_decay, fused=fused
+    )
 
 
 def _all_reduce(tensors: list[torch.Tensor], op=dist.ReduceOp.SUM) -> None:
@@ -162,6 +179,139 @@ def _classify(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, cached:
     return model(batch["images"][rows], batch["text"][rows])
 
 
+class PreprocessCollate(ArrowBatchCollateFn):
+    """Preprocesses a batch of shard rows where the worker collates it (`preprocess_in: worker`).
+
+    Ray Data starts a new pool of decoding actors for every pass over a dataset, and each pays
+    for importing torch and open_clip before its first batch; on a small machine that costs
+    more than the decoding itself. Here the `Preprocessor` lives for the whole stage in the
+    training worker and runs in `iter_torch_batches`' prefetch threads, so the next batch is
+    decoded while the model trains on this one. It counts rows and applies the error budget
+    like an actor would.
+    """
+
+    def __init__(self, spec, *, max_skipped_fraction: float, where: str):
+        super().__init__()
+        self.preprocess = Preprocessor(spec, max_skipped_fraction=max_skipped_fraction, where=where)
+        self._lock = threading.Lock()  # prefetch threads share the counts and the tokenizer
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        with self._lock:
+            out = self.preprocess(batch)
+        return {name: torch.from_numpy(out[name]) for name in TENSOR_COLUMNS}
+
+
+class _StartedEpoch:
+    """The training batches of one epoch, asked for ahead of time in a thread.
+
+    Every pass over a Ray Dataset starts its pipeline anew (listing the files, reading their
+    footers, the first blocks): seconds in which the worker would sit idle. The loop starts the
+    next epoch's pass while it validates, so that its first batch is waiting when training
+    resumes. An error in the thread is raised where the batches are read.
+    """
+
+    def __init__(self, make_batches):
+        self._iterator = None
+        self._first = _END
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, args=(make_batches,), daemon=True)
+        self._thread.start()
+
+    def _start(self, make_batches) -> None:
+        try:
+            self._iterator = iter(make_batches())
+            self._first = next(self._iterator, _END)
+        except BaseException as error:  # raised again in the loop's thread
+            self._error = error
+
+    def __iter__(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is _END:
+            return
+        yield self._first
+        yield from self._iterator
+
+
+class _Stopwatch:
+    """Sums the time a loop spends waiting on an iterator for its next item."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.first = 0.0  # the wait for the first item: the pipeline's start-up
+
+    def around(self, items):
+        iterator = iter(items)
+        while True:
+            started = time.perf_counter()
+            item = next(iterator, _END)
+            waited = time.perf_counter() - started
+            self.first = self.first or waited
+            self.seconds += waited
+            if item is _END:
+                return
+            yield item
+
+
+_END = object()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def train_step(
+    model,
+    batch,
+    *,
+    stage,
+    optimizer,
+    schedule,
+    clip_loss,
+    cache_level,
+    loss_weights,
+    device,
+    where,
+) -> tuple[float, int, int]:
+    """One optimizer step on a batch; returns its loss and the rows it used and skipped.
+
+    The plain-loop side of the training benchmark calls this too, so that both sides of its
+    ratio run the same step.
+    """
+    columns = CACHE_COLUMNS[cache_level] if cache_level else TENSOR_COLUMNS
+    batch = _move({k: batch[k] for k in columns}, device)
+    valid = batch["valid"].bool()
+
+    # a batch with no usable row still runs forward and backward (with a zero loss):
+    # every DDP worker must take part in every gradient all-reduce
+    keep = valid if valid.any() else torch.ones_like(valid)
+    scale = 1.0 if valid.any() else 0.0
+    labels = batch["labels"][keep]
+
+    if stage == "contrastive":
+        images, text = batch["images"][keep], batch["text"][keep]
+        loss = clip_loss(*model(images, text, contrastive=True)) * scale
+    else:
+        out = _classify(model, batch, keep, cached=cache_level is not None)
+        loss, _ = multitask_loss(out.logits, labels, loss_weights)
+        loss = loss * scale
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"stage {stage}: the training loss is {float(loss)} at {where}; lower "
+            f"stages.{stage}.lr (now {optimizer.defaults['lr']:g})"
+        )
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    used = int(valid.sum())
+    return float(loss.detach()), used, len(valid) - used
+
+
 def _validate(model, batches, *, stage, tasks, device, clip_loss, cache_level) -> dict[str, Any]:
     """Validation counts on this worker's shard, summed over all workers."""
     model.eval()
@@ -228,7 +378,6 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     # with a cache, rows hold the frozen part's outputs instead of pixels and token ids
     cache_dir: str | None = loop_config.get("cache_dir")
     cache_level = read_manifest(cache_dir)["level"] if cache_dir else None
-    columns = CACHE_COLUMNS[cache_level] if cache_level else TENSOR_COLUMNS
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -254,9 +403,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     # optimizer and schedule over the trained parameters only
-    optimizer = torch.optim.AdamW(
-        params, lr=stage_config.lr, weight_decay=stage_config.weight_decay
-    )
+    optimizer = make_optimizer(params, stage_config)
     batch_size = max(1, stage_config.batch_size // world)
     steps = max(1, loop_config["train_rows"] // world // batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -291,63 +438,64 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     else:
         train_shard = ray.train.get_dataset_shard("train")
         val_shard = ray.train.get_dataset_shard("val")
+        collate = {"train": None, "val": None}  # None: the rows come preprocessed
+        if config.data.preprocess_in == "worker":
+            spec = input_spec(_unwrap(model))
+            collate = {
+                split: PreprocessCollate(
+                    spec,
+                    max_skipped_fraction=config.data.max_skipped_fraction,
+                    where=f"{config.data_path()} {split}",
+                )  # fmt: skip
+                for split in collate
+            }
     progress = _Progress(stage, stage_config.epochs, steps, enabled=rank == 0, first=first_epoch)
     loss_weights = config.data.loss_weights
+
+    def shard_batches(epoch: int):
+        return train_shard.iter_torch_batches(
+            batch_size=batch_size,
+            dtypes=None,
+            collate_fn=collate["train"],
+            prefetch_batches=2,
+            drop_last=True,  # every worker gets the same rows, so the same number of steps
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=config.run.seed + 1000 * epoch + rank,
+        )
+
+    started = None if cache_dir else _StartedEpoch(lambda: shard_batches(first_epoch))
 
     for epoch in range(first_epoch, stage_config.epochs):
         model.train()
         epoch_start = time.perf_counter()
         loss_sum, batches, used, skipped = 0.0, 0, 0, 0
 
-        shuffle_seed = config.run.seed + 1000 * epoch + rank
         if cache_dir:
+            shuffle_seed = config.run.seed + 1000 * epoch + rank
             batches_of_epoch = train_cache.batches(
                 batch_size, shuffle_seed=shuffle_seed, drop_last=True
             )
             val_batches = val_cache.batches(batch_size)
         else:
-            batches_of_epoch = train_shard.iter_torch_batches(
-                batch_size=batch_size,
-                dtypes=None,
-                prefetch_batches=2,
-                drop_last=True,  # every worker gets the same rows, so the same number of steps
-                local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-                local_shuffle_seed=shuffle_seed,
+            batches_of_epoch = started
+            val_batches = val_shard.iter_torch_batches(
+                batch_size=batch_size, dtypes=None, collate_fn=collate["val"]
             )
-            val_batches = val_shard.iter_torch_batches(batch_size=batch_size, dtypes=None)
-        for step, batch in enumerate(agreed_batches(batches_of_epoch)):
-            batch = _move({k: batch[k] for k in columns}, device)
-            valid = batch["valid"].bool()
-            skipped += int((~valid).sum())
-            used += int(valid.sum())
-
-            # a batch with no usable row still runs forward and backward (with a zero loss):
-            # every DDP worker must take part in every gradient all-reduce
-            keep = valid if valid.any() else torch.ones_like(valid)
-            scale = 1.0 if valid.any() else 0.0
-            labels = batch["labels"][keep]
-
-            if stage == "contrastive":
-                images, text = batch["images"][keep], batch["text"][keep]
-                loss = clip_loss(*model(images, text, contrastive=True)) * scale
-            else:
-                out = _classify(model, batch, keep, cached=cache_level is not None)
-                loss, _ = multitask_loss(out.logits, labels, loss_weights)
-                loss = loss * scale
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"stage {stage}: the training loss is {float(loss)} at epoch {epoch + 1} "
-                    f"step {step + 1}; lower stages.{stage}.lr (now {stage_config.lr:g})"
-                )
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-
-            loss_sum += float(loss.detach())
+        waiting = _Stopwatch()
+        for step, batch in enumerate(agreed_batches(waiting.around(batches_of_epoch))):
+            loss, rows_used, rows_skipped = train_step(
+                model, batch, stage=stage, optimizer=optimizer, schedule=schedule,
+                clip_loss=clip_loss, cache_level=cache_level, loss_weights=loss_weights,
+                device=device, where=f"epoch {epoch + 1} step {step + 1}",
+            )  # fmt: skip
+            used += rows_used
+            skipped += rows_skipped
+            loss_sum += loss
             batches += 1
-            progress.step(epoch, min(step, steps - 1), int(valid.sum()), float(loss.detach()))
+            progress.step(epoch, min(step, steps - 1), rows_used, loss)
+        train_seconds = time.perf_counter() - epoch_start
+        if not cache_dir and epoch + 1 < stage_config.epochs:
+            started = _StartedEpoch(lambda epoch=epoch: shard_batches(epoch + 1))
 
         # rows over all workers; the equal split's remainder and each worker's last partial
         # batch are held back this epoch (which rows, the shuffle decides anew every epoch)
@@ -379,6 +527,14 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             "train_rows_skipped": skipped,
             "train_rows_held_back": loop_config["train_rows"] - used - skipped,
             "epoch_seconds": time.perf_counter() - epoch_start,
+            # the training part alone, the share of it spent waiting for the next batch, and
+            # this worker's peak resident memory so far: what the throughput benchmarks read
+            "train_seconds": train_seconds,
+            "train_samples_per_s": (used + skipped) / max(train_seconds, 1e-9),
+            "data_wait_seconds": waiting.seconds,
+            "data_wait_fraction": waiting.seconds / max(train_seconds, 1e-9),
+            "data_first_batch_seconds": waiting.first,
+            "worker_peak_rss_mib": peak_rss_mib(),
             "lr": schedule.get_last_lr()[0],
             **validation,
             "score": score,

@@ -54,6 +54,7 @@ RUN_STATE = "run.json"
 RESUMABLE_KEYS = (
     "scaling.",
     "tracking.",
+    "data.preprocess_in",
     "data.preprocess_concurrency",
     "data.preprocess_cpus",
     "data.read_cpus",
@@ -91,25 +92,32 @@ def _ensure_ray(config: Config) -> None:
 
     # Ray Data lists files in a task that asks for one whole CPU, next to the decoding actors
     scaling, data = config.scaling, config.data
-    needed = scaling.num_workers * scaling.cpus_per_worker
-    needed += data.preprocess_concurrency * data.preprocess_cpus + 1.0
+    needed = scaling.num_workers * scaling.cpus_per_worker + 1.0
+    actors = ""
+    if data.preprocess_in == "actors":
+        needed += data.preprocess_concurrency * data.preprocess_cpus
+        actors = ", plus data.preprocess_concurrency x data.preprocess_cpus"
     if resources.get("CPU", 0) < needed:
         raise ValueError(
             f"the cluster has {resources.get('CPU', 0):g} CPUs, but training needs {needed:g}: "
-            f"scaling.num_workers x scaling.cpus_per_worker, plus data.preprocess_concurrency x "
-            f"data.preprocess_cpus, plus 1 for Ray Data's file listing. Lower "
-            f"scaling.cpus_per_worker (e.g. --set scaling.cpus_per_worker=0.5) or add CPUs."
+            f"scaling.num_workers x scaling.cpus_per_worker{actors}, plus 1 for Ray Data's "
+            f"file listing. Lower scaling.cpus_per_worker (e.g. --set "
+            f"scaling.cpus_per_worker=0.5) or add CPUs."
         )
 
 
 def _datasets(config: Config, spec: InputSpec) -> dict[str, Any]:
+    """The train and val datasets the stages stream: preprocessed rows, or shard rows as read
+    when each worker preprocesses its own batches (`data.preprocess_in: worker`)."""
     import ray.data
 
     # the stage loop logs its own progress lines; Ray Data's bars would interleave with them
     ray.data.DataContext.get_current().enable_progress_bars = False
     data_dir = config.data_path()
-    return {
-        split: ray_dataset(
+    in_actors = config.data.preprocess_in == "actors"
+    datasets = {}
+    for split in ("train", "val"):
+        dataset = ray_dataset(
             data_dir,
             split,
             spec,
@@ -118,9 +126,10 @@ def _datasets(config: Config, spec: InputSpec) -> dict[str, Any]:
             read_cpus=config.data.read_cpus,
             shuffle_files=split == "train",
             max_skipped_fraction=config.data.max_skipped_fraction,
-        ).select_columns(TENSOR_COLUMNS)
-        for split in ("train", "val")
-    }
+            preprocess=in_actors,
+        )
+        datasets[split] = dataset.select_columns(TENSOR_COLUMNS) if in_actors else dataset
+    return datasets
 
 
 def stage_trainer(
