@@ -20,7 +20,7 @@ export RAY_SERVE_HAPROXY_NBTHREAD ?= 1
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install demo data train-job evaluate ray-up ray-down test test-fast lint mlflow clean
-.PHONY: serve bench-serve cache tune bench-cache tensorboard
+.PHONY: serve bench-serve cache tune bench-cache tensorboard bench bench-train
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -91,6 +91,19 @@ tune: install data
 # warmup epoch time with and without the cache -> benchmarks/results/cache_warmup.json
 bench-cache: install data
 	$(BIN)/python benchmarks/cache_warmup.py --model runs/$(RUN) --data data/emoji
+
+# Ray Train against a plain loop, data-pipeline wait, memory -> .../train_throughput.json
+bench-train: install data
+	$(BIN)/python benchmarks/train_throughput.py --init runs/$(RUN)/checkpoints/warmup \
+	  --data data/emoji --out benchmarks/results/train_throughput.json
+
+# every benchmark, one after the other (about 20 minutes on 2 cores), on the model of `make demo`
+bench: install data
+	@test -f runs/$(RUN)/model/model.json || \
+	  { echo "runs/$(RUN) has no exported model: run 'make demo' first"; exit 2; }
+	$(MAKE) bench-train
+	$(MAKE) bench-cache
+	$(MAKE) bench-serve
 
 tensorboard: install
 	tensorboard --logdir runs/emoji-search/tune --host 127.0.0.1

@@ -230,6 +230,7 @@ def main() -> None:
             run["ratio_to_raw"] = round(run["qps"] / raw["items_per_second"], 3)
             logger.info("%s", run)
             runs.append(run)
+        encoder_peak_mib = encoder.peak_memory_mib.remote().result()
     serve.shutdown()
     ray.shutdown()
 
@@ -242,6 +243,9 @@ def main() -> None:
         "haproxy": environment["RAY_SERVE_ENABLE_HA_PROXY"] == "1",
         "raw_in_process": raw,
         "served": runs,
+        # after every client count; requests hold no state, so it does not grow with the
+        # number of rows a catalog has, only with batch size and model
+        "encoder_replica_peak_rss_mib": round(encoder_peak_mib, 1),
     }
     scratch.cleanup()
     shutil.rmtree(environment["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)

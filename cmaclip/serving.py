@@ -18,6 +18,7 @@ form for one model folder.
 import asyncio
 import logging
 import os
+import resource
 import socket
 import tempfile
 import time
@@ -218,6 +219,10 @@ class Encoder:
     def stats(self) -> dict[int, int]:
         """How many batches of each size (in items) this replica has run."""
         return dict(self.batch_sizes)
+
+    def peak_memory_mib(self) -> float:
+        """This replica's peak resident memory: weights, torch's buffers and request queues."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 @serve.deployment(
