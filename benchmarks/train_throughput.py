@@ -163,14 +163,18 @@ class Sampler:
                 continue
             self.peak, self.samples = max(self.peak, int(used)), self.samples + 1
 
-    def cpu_seconds(self, top: int = 8) -> dict[str, float]:
-        """CPU seconds used during the sampling, per process name, the largest first."""
-        totals: dict[str, float] = {}
+    def cpu_seconds(self, top: int = 12) -> dict[str, dict[str, float]]:
+        """CPU seconds used during the sampling and processes seen, per process name."""
+        totals: dict[str, dict[str, float]] = {}
         for pid, (name, seconds) in self._cpu.items():
-            used = seconds - self._first_seen.get(pid, 0.0)
-            totals[name] = totals.get(name, 0.0) + used
-        ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
-        return {name: round(seconds, 1) for name, seconds in ranked}
+            entry = totals.setdefault(name.strip(), {"cpu_seconds": 0.0, "processes": 0})
+            entry["cpu_seconds"] += seconds - self._first_seen.get(pid, 0.0)
+            entry["processes"] += 1
+        ranked = sorted(totals.items(), key=lambda item: -item[1]["cpu_seconds"])[:top]
+        return {
+            name: {"cpu_seconds": round(entry["cpu_seconds"], 1), "processes": entry["processes"]}
+            for name, entry in ranked
+        }
 
     def __enter__(self):
         self._sample_cpu()  # processes alive before count from here, later ones from zero
@@ -318,7 +322,8 @@ def summarise_stacks(path: Path) -> dict:
 def plain_in_subprocess(args) -> dict:
     """The plain loop in a fresh process: no Ray in it, and its peak memory its own."""
     command = [sys.executable, __file__, "--plain-only", "--init", args.init, "--data",
-               args.data, "--config", args.config]  # fmt: skip
+               args.data, "--config", args.config,
+               *(f"--set={item}" for item in args.set)]  # fmt: skip
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -357,6 +362,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/emoji.yaml")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each Ray fit")
     parser.add_argument("--skip", nargs="*", default=[], choices=["plain", "ray1", "ray2"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every fit (data.shuffle_buffer=0)")  # fmt: skip
     parser.add_argument("--profile", action="store_true",
                         help="also profile one more Ray epoch with py-spy")  # fmt: skip
     parser.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
@@ -367,7 +374,7 @@ def main() -> None:
     logger.setLevel(logging.INFO)
 
     overrides = [f"data.path={args.data}", f"stages.{STAGE}.epochs={args.epochs}",
-                 "run.name=bench-train"]  # fmt: skip
+                 "run.name=bench-train", *args.set]  # fmt: skip
     config = load_config(args.config, overrides)
     tasks = select_tasks(config, read_dataset_info(config.data_path()))
     init = resolve_path(args.init)
@@ -416,8 +423,7 @@ def main() -> None:
     if args.profile:
         logger.info("profile: one more epoch of %s with py-spy on the worker", STAGE)
         results["profile"] = profile_fit(
-            load_config(args.config, [*overrides[:1], f"stages.{STAGE}.epochs=1",
-                                      "run.name=bench-train"]),
+            load_config(args.config, [*overrides, f"stages.{STAGE}.epochs=1"]),
             tasks, init, spec, Path(args.out),
         )  # fmt: skip
         logger.info("profile: %s", results["profile"])

@@ -113,6 +113,35 @@ class ScalingConfig(_Strict):
     torch_threads: int | None = Field(
         default=None, description="torch.set_num_threads per worker; the worker's CPUs if null."
     )
+    # speed switches for GPU workers; the CPU path leaves them off
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="bf16: forward passes and losses under torch.autocast in bfloat16 (GPUs "
+        "from Ampere on); weights, gradients and the optimizer state stay float32.",
+    )
+    channels_last: bool = Field(
+        default=False,
+        description="Images and the patch embedding in channels-last memory order, which GPU "
+        "convolution kernels prefer.",
+    )
+    pin_memory: bool = Field(
+        default=False,
+        description="Page-locked host batches, so that copies to the GPU overlap the step.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile each worker's model; the first steps of every stage pay "
+        "for compiling.",
+    )
+
+    @model_validator(mode="after")
+    def _check_pin_memory(self) -> ScalingConfig:
+        if self.pin_memory and not self.use_gpu:
+            raise ValueError(
+                "scaling.pin_memory pins batches for copies to a GPU: set scaling.use_gpu: true, "
+                "or leave pin_memory off on CPU workers"
+            )
+        return self
 
 
 class TrackingConfig(_Strict):

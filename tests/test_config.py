@@ -70,3 +70,12 @@ def test_stages_left_out_keep_their_defaults(tmp_path):
     path.write_text("stages:\n  contrastive: {enabled: false}\n")
     config = load_config(path, ["stages.warmup.lr=1e-3"])
     assert config.enabled_stages() == ["warmup", "end_to_end", "tuning"]
+
+
+def test_pinned_batches_need_a_gpu():
+    with pytest.raises(ValueError, match="scaling.use_gpu"):
+        load_config(CONFIGS / "emoji.yaml", ["scaling.pin_memory=true"])
+    config = load_config(
+        CONFIGS / "emoji.yaml", ["scaling.pin_memory=true", "scaling.use_gpu=true"]
+    )
+    assert config.scaling.pin_memory and config.scaling.precision == "fp32"

@@ -168,8 +168,23 @@ class _Progress:
         )  # fmt: skip
 
 
-def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+def _move(
+    batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False
+) -> dict[str, torch.Tensor]:
+    moved = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    images = moved.get("images")
+    if channels_last and images is not None and images.dim() == 4:  # [B, C, H, W] pixels
+        moved["images"] = images.contiguous(memory_format=torch.channels_last)
+    return moved
+
+
+def _autocast(device: torch.device, precision: str):
+    """The forward pass and loss in bfloat16 where `scaling.precision` asks for it.
+
+    Autocast keeps the weights float32 and runs each op in the type that suits it (matrix
+    products in bf16, reductions and the softmax in float32), so no loss scaling is needed.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _classify(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, cached: bool):
@@ -275,6 +290,8 @@ def train_step(
     loss_weights,
     device,
     where,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> tuple[float, int, int]:
     """One optimizer step on a batch; returns its loss and the rows it used and skipped.
 
@@ -282,7 +299,7 @@ def train_step(
     ratio run the same step.
     """
     columns = CACHE_COLUMNS[cache_level] if cache_level else TENSOR_COLUMNS
-    batch = _move({k: batch[k] for k in columns}, device)
+    batch = _move({k: batch[k] for k in columns}, device, channels_last)
     valid = batch["valid"].bool()
 
     # a batch with no usable row still runs forward and backward (with a zero loss):
@@ -291,13 +308,14 @@ def train_step(
     scale = 1.0 if valid.any() else 0.0
     labels = batch["labels"][keep]
 
-    if stage == "contrastive":
-        images, text = batch["images"][keep], batch["text"][keep]
-        loss = clip_loss(*model(images, text, contrastive=True)) * scale
-    else:
-        out = _classify(model, batch, keep, cached=cache_level is not None)
-        loss, _ = multitask_loss(out.logits, labels, loss_weights)
-        loss = loss * scale
+    with _autocast(device, precision):
+        if stage == "contrastive":
+            images, text = batch["images"][keep], batch["text"][keep]
+            loss = clip_loss(*model(images, text, contrastive=True)) * scale
+        else:
+            out = _classify(model, batch, keep, cached=cache_level is not None)
+            loss, _ = multitask_loss(out.logits, labels, loss_weights)
+            loss = loss * scale
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"stage {stage}: the training loss is {float(loss)} at {where}; lower "
@@ -312,7 +330,9 @@ def train_step(
     return float(loss.detach()), used, len(valid) - used
 
 
-def _validate(model, batches, *, stage, tasks, device, clip_loss, cache_level) -> dict[str, Any]:
+def _validate(
+    model, batches, *, stage, tasks, device, clip_loss, cache_level, precision, channels_last
+) -> dict[str, Any]:
     """Validation counts on this worker's shard, summed over all workers."""
     model.eval()
     net = _unwrap(model)
@@ -324,19 +344,21 @@ def _validate(model, batches, *, stage, tasks, device, clip_loss, cache_level) -
 
     with torch.no_grad():
         for batch in batches:
-            batch = _move({k: batch[k] for k in columns}, device)
+            batch = _move({k: batch[k] for k in columns}, device, channels_last)
             valid = batch["valid"].bool()
             sums[3] += float((~valid).sum())
             if not valid.any():
                 continue
             labels = batch["labels"][valid]
 
-            if stage == "contrastive":
-                images, text = batch["images"][valid], batch["text"][valid]
-                loss = clip_loss(*net(images, text, contrastive=True))
-            else:
-                out = _classify(net, batch, valid, cached=cache_level is not None)
-                loss, _ = multitask_loss(out.logits, labels)
+            with _autocast(device, precision):
+                if stage == "contrastive":
+                    images, text = batch["images"][valid], batch["text"][valid]
+                    loss = clip_loss(*net(images, text, contrastive=True))
+                else:
+                    out = _classify(net, batch, valid, cached=cache_level is not None)
+                    loss, _ = multitask_loss(out.logits, labels)
+            if stage != "contrastive":
                 weight_sum += out.image_weight.sum(dim=0).double().cpu()
                 for k, task in enumerate(task_names):
                     labelled = labels[:, k] >= 0
@@ -383,7 +405,8 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     _setup_logging(rank)
 
-    threads = config.scaling.torch_threads or max(1, math.ceil(config.scaling.cpus_per_worker))
+    scaling = config.scaling
+    threads = scaling.torch_threads or max(1, math.ceil(scaling.cpus_per_worker))
     torch.set_num_threads(threads)
     torch.manual_seed(config.run.seed + rank)
 
@@ -399,6 +422,10 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         sum(p.numel() for p in params) / 1e6, sum(p.numel() for p in model.parameters()) / 1e6,
         f", from a {cache_level} cache" if cache_level else "",
     )  # fmt: skip
+    if scaling.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if scaling.compile:
+        model.compile()  # in place: the state dict keeps its names for checkpoints
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
 
@@ -457,6 +484,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             batch_size=batch_size,
             dtypes=None,
             collate_fn=collate["train"],
+            pin_memory=scaling.pin_memory,
             prefetch_batches=2,
             drop_last=True,  # every worker gets the same rows, so the same number of steps
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,
@@ -479,7 +507,10 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         else:
             batches_of_epoch = started
             val_batches = val_shard.iter_torch_batches(
-                batch_size=batch_size, dtypes=None, collate_fn=collate["val"]
+                batch_size=batch_size,
+                dtypes=None,
+                collate_fn=collate["val"],
+                pin_memory=scaling.pin_memory,
             )
         waiting = _Stopwatch()
         for step, batch in enumerate(agreed_batches(waiting.around(batches_of_epoch))):
@@ -487,6 +518,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
                 model, batch, stage=stage, optimizer=optimizer, schedule=schedule,
                 clip_loss=clip_loss, cache_level=cache_level, loss_weights=loss_weights,
                 device=device, where=f"epoch {epoch + 1} step {step + 1}",
+                precision=scaling.precision, channels_last=scaling.channels_last,
             )  # fmt: skip
             used += rows_used
             skipped += rows_skipped
@@ -508,7 +540,8 @@ def train_stage(loop_config: dict[str, Any]) -> None:
 
         validation = _validate(
             model, val_batches, stage=stage, tasks=tasks, device=device, clip_loss=clip_loss,
-            cache_level=cache_level,
+            cache_level=cache_level, precision=scaling.precision,
+            channels_last=scaling.channels_last,
         )  # fmt: skip
         if config.selection_metric == "val_loss" or stage == "contrastive":
             score = -validation["val_loss"]
