@@ -95,9 +95,9 @@ bench-cache: install data
 # Ray Train against a plain loop, data-pipeline wait, memory -> .../train_throughput.json
 bench-train: install data
 	$(BIN)/python benchmarks/train_throughput.py --init runs/$(RUN)/checkpoints/warmup \
-	  --data data/emoji --out benchmarks/results/train_throughput.json
+	  --data data/emoji --out benchmarks/results/train_throughput.json --profile
 
-# every benchmark, one after the other (about 20 minutes on 2 cores), on the model of `make demo`
+# every benchmark, one after the other (16 minutes on 2 cores), on the model of `make demo`
 bench: install data
 	@test -f runs/$(RUN)/model/model.json || \
 	  { echo "runs/$(RUN) has no exported model: run 'make demo' first"; exit 2; }

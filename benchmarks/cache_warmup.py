@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.machine import machine_facts  # noqa: E402
 from cmaclip import tracking  # noqa: E402
 from cmaclip.config import load_config, resolve_path  # noqa: E402
 from cmaclip.data.shards import read_dataset_info  # noqa: E402
@@ -125,12 +125,7 @@ def main() -> None:
     report = {
         "benchmark": "cache_warmup",
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },  # fmt: skip
+        "machine": machine_facts(load_before),
         "data": {"path": str(data_dir), "rows": rows, "train_rows": manifest["rows"]["train"]},
         "stage": {
             "epochs": args.epochs,

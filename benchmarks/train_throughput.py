@@ -24,8 +24,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -41,23 +39,20 @@ import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from open_clip.loss import ClipLoss  # noqa: E402
 
+from benchmarks.machine import machine_facts  # noqa: E402
 from cmaclip import tracking  # noqa: E402
 from cmaclip.config import load_config, resolve_path  # noqa: E402
 from cmaclip.data.pipeline import Preprocessor, local_batches, raw_batches  # noqa: E402
 from cmaclip.data.shards import read_dataset_info  # noqa: E402
 from cmaclip.export import input_spec, load_model, load_weights  # noqa: E402
 from cmaclip.model.cmaclip import CMACLIP  # noqa: E402
-from cmaclip.training.loop import _lr_lambda, make_optimizer, train_step  # noqa: E402
+from cmaclip.training.loop import _lr_lambda, make_optimizer, peak_rss_mib, train_step  # noqa: E402
 from cmaclip.training.run import _datasets, _ensure_ray, select_tasks, stage_trainer  # noqa: E402
 
 logger = logging.getLogger("benchmarks.train_throughput")
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = "end_to_end"
 EXPERIMENT = "cmaclip-benchmarks"
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def plain_epoch(config, tasks, init: Path, threads: int) -> dict:
@@ -112,7 +107,7 @@ def plain_epoch(config, tasks, init: Path, threads: int) -> dict:
         "train_samples_per_s": round(rows / seconds, 2),
         "preprocess_seconds": round(waited, 2),
         "train_loss": round(sum(losses) / len(losses), 4),
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
     }
 
 
@@ -252,12 +247,12 @@ PHASES = (
 )
 
 
-def profile_fit(config, tasks, init: Path, spec, out: Path) -> dict:
+def profile_fit(config, tasks, init: Path, spec) -> dict:
     """One more epoch through Ray Train with py-spy sampling the training worker at 50 Hz.
 
-    Apart from the measured fits, since sampling slows the process it samples. Writes the raw
-    stacks beside the results and returns the training thread's time per phase and its five
-    busiest functions.
+    Apart from the measured fits, since sampling slows the process it samples. Returns the
+    training thread's time per phase and its five busiest functions; the raw stacks (about a
+    megabyte) stay in the run folder, out of git.
     """
     train_rows = int(read_dataset_info(config.data_path())["rows"]["train"])
     shutil.rmtree(config.storage_path() / "profile", ignore_errors=True)
@@ -265,7 +260,8 @@ def profile_fit(config, tasks, init: Path, spec, out: Path) -> dict:
         config, STAGE, tasks=tasks, datasets=_datasets(config, spec), init_weights=init,
         train_rows=train_rows, storage=config.storage_path(), name="profile",
     )  # fmt: skip
-    stacks = out.with_suffix(".pyspy.txt")
+    stacks = config.run_dir() / "profile.pyspy.txt"
+    stacks.parent.mkdir(parents=True, exist_ok=True)
     recorder: list[subprocess.Popen] = []
 
     def attach() -> None:  # py-spy follows the worker from its start until it exits
@@ -424,7 +420,7 @@ def main() -> None:
         logger.info("profile: one more epoch of %s with py-spy on the worker", STAGE)
         results["profile"] = profile_fit(
             load_config(args.config, [*overrides, f"stages.{STAGE}.epochs=1"]),
-            tasks, init, spec, Path(args.out),
+            tasks, init, spec,
         )  # fmt: skip
         logger.info("profile: %s", results["profile"])
     ray.shutdown()
@@ -436,13 +432,7 @@ def main() -> None:
     report = {
         "benchmark": "train_throughput",
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine_facts(load_before),
         "stage": {
             "name": STAGE,
             "init": str(init),

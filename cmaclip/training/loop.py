@@ -75,8 +75,8 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
 def make_optimizer(params: list[torch.nn.Parameter], stage_config) -> torch.optim.AdamW:
     """AdamW over the trained parameters, fused into one kernel per step where torch has one.
 
-    The default on a CPU updates each of the model's ~100 tensors with its own handful of
-    Python-dispatched ops, a tenth of a training step for the emoji model; the fused update
+    The default on a CPU updates each trained tensor (155 in the emoji model's end_to_end stage)
+    with its own handful of ops: 16% of that stage's step, against 4% fused. The fused update
     computes the same rule.
     """
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
