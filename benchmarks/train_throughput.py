@@ -46,7 +46,13 @@ from cmaclip.data.pipeline import Preprocessor, local_batches, raw_batches  # no
 from cmaclip.data.shards import read_dataset_info  # noqa: E402
 from cmaclip.export import input_spec, load_model, load_weights  # noqa: E402
 from cmaclip.model.cmaclip import CMACLIP  # noqa: E402
-from cmaclip.training.loop import _lr_lambda, make_optimizer, peak_rss_mib, train_step  # noqa: E402
+from cmaclip.training.loop import (  # noqa: E402
+    _lr_lambda,
+    apply_speed_switches,
+    make_optimizer,
+    peak_rss_mib,
+    train_step,
+)
 from cmaclip.training.run import _datasets, _ensure_ray, select_tasks, stage_trainer  # noqa: E402
 
 logger = logging.getLogger("benchmarks.train_throughput")
@@ -63,7 +69,7 @@ def plain_epoch(config, tasks, init: Path, threads: int) -> dict:
     model = CMACLIP(config.model, tasks)
     load_weights(model, init)
     params = model.set_stage(STAGE)
-    model.train()
+    model = apply_speed_switches(model, config.scaling).train()
 
     train_rows = int(read_dataset_info(config.data_path())["rows"]["train"])
     batch_size = stage_config.batch_size
@@ -93,6 +99,7 @@ def plain_epoch(config, tasks, init: Path, threads: int) -> dict:
             model, tensors, stage=STAGE, optimizer=optimizer, schedule=schedule,
             clip_loss=ClipLoss(), cache_level=None, loss_weights=config.data.loss_weights,
             device=torch.device("cpu"), where=f"step {len(losses) + 1}",
+            precision=config.scaling.precision, channels_last=config.scaling.channels_last,
         )  # fmt: skip
         rows += used + skipped
         losses.append(loss)
@@ -320,8 +327,10 @@ def plain_in_subprocess(args) -> dict:
     command = [sys.executable, __file__, "--plain-only", "--init", args.init, "--data",
                args.data, "--config", args.config,
                *(f"--set={item}" for item in args.set)]  # fmt: skip
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the plain loop failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _summary(results: dict) -> dict:

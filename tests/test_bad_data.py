@@ -629,3 +629,75 @@ def test_a_training_run_reads_its_budget_from_the_config(tmp_path: Path, ray_clu
     with pytest.raises(Exception, match=r"data.max_skipped_fraction=0.5"):
         train_rows("0.5")
     assert train_rows("0.7") == len(rows)  # every row read, the broken ones marked not valid
+
+
+def _run_data(folder: Path, train_rows: list[dict[str, Any]]) -> Path:
+    """Train, val and test shards, the last two all good, with one `dataset.json` over them."""
+    splits = {"train": train_rows, "val": _good_rows(), "test": _good_rows()}
+    for split, rows in splits.items():
+        write_shards(folder, rows, split=split)
+    counts = {split: len(rows) for split, rows in splits.items()}
+    info = make_dataset_info(
+        name="corpus", classes=TASKS, rows=counts, rows_read=sum(counts.values()),
+        skipped=SkippedRows(), source={"kind": "test corpus"},
+    )  # fmt: skip
+    write_dataset_info(folder, info)
+    return folder
+
+
+def _one_stage_run(folder: Path, root: Path, name: str, *extra: str):
+    return load_config(
+        None,
+        [f"data.path={folder}", f"run.root={root}", f"run.name={name}", "model.layers=1",
+         "stages.contrastive.enabled=false", "stages.end_to_end.enabled=false",
+         "stages.tuning.enabled=false", "stages.warmup.batch_size=16",
+         "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+         "data.preprocess_cpus=0.25", *extra],
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preprocess_in", ["worker", "actors"])
+def test_a_training_split_too_small_for_the_decoders_budget_still_has_one(
+    preprocess_in: str, tmp_path: Path, ray_cluster
+) -> None:
+    from cmaclip.training.run import train
+
+    bad = _truncated(_save(_noise(), "PNG"))
+    rows = [
+        {"id": f"r{index}", "image": bad, "title": "t", "color": "red", "size": "small"}
+        for index in range(40)
+    ]  # fmt: skip
+    folder = _run_data(tmp_path / "data", rows)
+    config = _one_stage_run(folder, tmp_path, preprocess_in, f"data.preprocess_in={preprocess_in}")
+
+    # 40 rows are below the 256 a decoder reads before it applies the budget: the epoch's
+    # totals over all workers apply it instead (32 rows in two batches of 16; 8 held back)
+    with pytest.raises(TooManySkippedError) as caught:
+        train(config)
+    message = str(caught.value)
+    assert message.startswith(f"stage warmup: {folder} train, epoch 1: all 32 rows read were")
+    if preprocess_in == "worker":  # the worker decoded them, so it can name them
+        assert "first reasons: row r" in message and "truncated" in message
+
+
+@pytest.mark.slow
+def test_a_decoding_actors_budget_error_reaches_the_user_whole(tmp_path: Path, ray_cluster) -> None:
+    from cmaclip.training.run import train
+
+    good, bad = _good_image(), _truncated(_save(_noise(), "PNG"))
+    rows = [
+        {"id": f"r{index}", "image": good if index % 3 == 0 else bad, "title": "t",
+         "color": "red", "size": "small"}
+        for index in range(BUDGET_MIN_ROWS + 64)
+    ]  # fmt: skip
+    folder = _run_data(tmp_path / "data", rows)
+    config = _one_stage_run(folder, tmp_path, "actors-budget", "data.preprocess_in=actors")
+
+    # raised in a Ray Data actor, passed on by the split coordinator as text, then by Ray Train
+    with pytest.raises(TooManySkippedError) as caught:
+        train(config)
+    message = str(caught.value)
+    assert message.startswith(f"stage warmup: {folder} train (after {BUDGET_MIN_ROWS} rows): ")
+    assert "more than data.max_skipped_fraction=0.5; first reasons: row r1: image: " in message
+    assert "\n" not in message

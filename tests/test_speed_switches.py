@@ -11,10 +11,10 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from cmaclip.config import StageConfig
+from cmaclip.config import ScalingConfig, StageConfig
 from cmaclip.model.cmaclip import CMACLIP
 from cmaclip.model.encoders import register_model_configs
-from cmaclip.training.loop import _lr_lambda, make_optimizer, train_step
+from cmaclip.training.loop import _lr_lambda, apply_speed_switches, make_optimizer, train_step
 
 TASKS = {"color": ["red", "green", "blue"], "pattern": ["plain", "striped"]}
 CPU = torch.device("cpu")
@@ -86,7 +86,7 @@ def test_channels_last_feeds_the_patch_embedding_nhwc_and_changes_no_result(tiny
     plain = _steps(*_setup(tiny_model_config), batch, 3)
 
     model, optimizer, schedule = _setup(tiny_model_config)
-    model = model.to(memory_format=torch.channels_last)
+    model = apply_speed_switches(model, ScalingConfig(channels_last=True))
     layouts: list[bool] = []
     conv = model.encoders.clip.visual.conv1
     conv.register_forward_pre_hook(
@@ -108,7 +108,7 @@ def test_a_compiled_model_gives_the_eager_outputs(tiny_model_config):
     model = CMACLIP(tiny_model_config, TASKS).eval()
     with torch.no_grad():
         eager = model(batch["images"], batch["text"])
-        model.compile()  # what scaling.compile does in each worker
+        model = apply_speed_switches(model, ScalingConfig(compile=True))
         compiled = model(batch["images"], batch["text"])
 
     assert set(model.state_dict()) == set(CMACLIP(tiny_model_config, TASKS).state_dict())

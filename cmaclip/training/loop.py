@@ -36,6 +36,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from cmaclip.config import Config
 from cmaclip.data.pipeline import TENSOR_COLUMNS, Preprocessor
+from cmaclip.data.shards import check_skipped_budget
 from cmaclip.export import input_spec, load_weights, write_model_files
 from cmaclip.metrics import macro_accuracy_from_confusion
 from cmaclip.model.cmaclip import CMACLIP
@@ -176,6 +177,19 @@ def _move(
     if channels_last and images is not None and images.dim() == 4:  # [B, C, H, W] pixels
         moved["images"] = images.contiguous(memory_format=torch.channels_last)
     return moved
+
+
+def apply_speed_switches(model: CMACLIP, scaling) -> CMACLIP:
+    """The model in channels-last memory order and compiled, where `scaling` asks for them.
+
+    Before DDP wraps it. `compile()` works in place, so the state dict keeps its names and
+    checkpoints load into an uncompiled model.
+    """
+    if scaling.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if scaling.compile:
+        model.compile()
+    return model
 
 
 def _autocast(device: torch.device, precision: str):
@@ -391,6 +405,21 @@ def _validate(
     return metrics
 
 
+def _check_budget(config, epoch, split, used, skipped, collate) -> None:
+    """The error budget over an epoch's rows of all workers, whatever the split's size.
+
+    The decoders apply it as they go once they have read 256 rows; a smaller split, or one
+    that no row of survives, is caught here, on every worker alike since the counts are
+    summed. Where this worker decoded its rows, its first reasons go with the message.
+    """
+    check_skipped_budget(
+        used + skipped, skipped, config.data.max_skipped_fraction,
+        where=f"{config.data_path()} {split}, epoch {epoch + 1}",
+        option="data.max_skipped_fraction",
+        reasons=collate.preprocess.reasons if collate else (),
+    )  # fmt: skip
+
+
 def train_stage(loop_config: dict[str, Any]) -> None:
     """Ray Train worker function for one stage (`loop_config` is built by `run.py`)."""
     config = Config.model_validate(loop_config["config"])
@@ -422,11 +451,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         sum(p.numel() for p in params) / 1e6, sum(p.numel() for p in model.parameters()) / 1e6,
         f", from a {cache_level} cache" if cache_level else "",
     )  # fmt: skip
-    if scaling.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if scaling.compile:
-        model.compile()  # in place: the state dict keeps its names for checkpoints
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(apply_speed_switches(model, scaling))
     device = ray.train.torch.get_device()
 
     # optimizer and schedule over the trained parameters only
@@ -459,6 +484,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     # features over workers would need equal batch sizes, which skipped rows do not guarantee.
     clip_loss = ClipLoss()
 
+    collate: dict[str, PreprocessCollate | None] = {}
     if cache_dir:
         train_cache = CachedSplit(cache_dir, "train", rank=rank, world=world)
         val_cache = CachedSplit(cache_dir, "val", rank=rank, world=world, equal=False)
@@ -491,7 +517,11 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=config.run.seed + 1000 * epoch + rank,
         )
 
-    started = None if cache_dir else _StartedEpoch(lambda: shard_batches(first_epoch))
+    # where workers decode their own batches, the next epoch's pass starts during validation;
+    # decoding actors would need a second actor pool for it, beside validation's, and Ray Data
+    # would wait for CPUs a small cluster does not have
+    overlap = not cache_dir and config.data.preprocess_in == "worker"
+    started = None
 
     for epoch in range(first_epoch, stage_config.epochs):
         model.train()
@@ -505,7 +535,8 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             )
             val_batches = val_cache.batches(batch_size)
         else:
-            batches_of_epoch = started
+            batches_of_epoch = started or shard_batches(epoch)
+            started = None
             val_batches = val_shard.iter_torch_batches(
                 batch_size=batch_size,
                 dtypes=None,
@@ -526,7 +557,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             batches += 1
             progress.step(epoch, min(step, steps - 1), rows_used, loss)
         train_seconds = time.perf_counter() - epoch_start
-        if not cache_dir and epoch + 1 < stage_config.epochs:
+        if overlap and epoch + 1 < stage_config.epochs:
             started = _StartedEpoch(lambda epoch=epoch: shard_batches(epoch + 1))
 
         # rows over all workers; the equal split's remainder and each worker's last partial
@@ -534,6 +565,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         counts = torch.tensor([used, skipped], dtype=torch.float64)
         _all_reduce([counts])
         used, skipped = int(counts[0]), int(counts[1])
+        _check_budget(config, epoch, "train", used, skipped, collate.get("train"))
         fewest, most = torch.tensor([batches]), torch.tensor([batches])
         _all_reduce([fewest], op=dist.ReduceOp.MIN)
         _all_reduce([most], op=dist.ReduceOp.MAX)
@@ -542,6 +574,10 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             model, val_batches, stage=stage, tasks=tasks, device=device, clip_loss=clip_loss,
             cache_level=cache_level, precision=scaling.precision,
             channels_last=scaling.channels_last,
+        )  # fmt: skip
+        _check_budget(
+            config, epoch, "val", validation["val_rows_used"], validation["val_rows_skipped"],
+            collate.get("val"),
         )  # fmt: skip
         if config.selection_metric == "val_loss" or stage == "contrastive":
             score = -validation["val_loss"]

@@ -220,6 +220,9 @@ def _fit_stage(
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
+        budget = _budget_error(error)
+        if budget is not None:  # the data, not the workers: a resubmission would fail the same
+            raise TooManySkippedError(f"stage {stage}: {budget}") from None
         raise RuntimeError(
             f"stage {stage} failed after run.max_failures={config.run.max_failures} restarts; "
             f"submitting run {config.run.name} again resumes it from its latest checkpoint"
@@ -231,6 +234,37 @@ def _fit_stage(
         raise RuntimeError(f"stage {stage} reported no checkpoint (storage {storage / stage})")
     checkpoint, metrics = max(result.best_checkpoints, key=lambda item: item[1]["score"])
     return checkpoint, metrics
+
+
+def _budget_error(error: BaseException) -> str | None:
+    """The error budget's message behind a failed stage, wherever Ray wrapped it.
+
+    A worker's own check arrives in `WorkerGroupError.worker_failures`. A decoding actor's
+    reaches the worker through Ray Data's split coordinator, which passes the exception on
+    only as the text of its traceback, so that text is searched too.
+    """
+    from ray.exceptions import RayError  # a task error poses as its cause's class too
+
+    # every exception the failure holds: causes, contexts and each worker's own
+    found: dict[int, BaseException] = {}
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in found:
+            continue
+        found[id(current)] = current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+        pending += list(getattr(current, "worker_failures", {}).values())
+
+    for current in found.values():
+        if isinstance(current, TooManySkippedError) and not isinstance(current, RayError):
+            return str(current)
+    marker = f"{TooManySkippedError.__module__}.{TooManySkippedError.__name__}: "
+    for current in found.values():
+        for line in str(current).splitlines():
+            if marker in line:
+                return line.split(marker, 1)[1].strip()
+    return None
 
 
 def _keep_best(checkpoint, stage_dir: Path, summary: dict[str, Any]) -> None:
