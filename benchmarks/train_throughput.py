@@ -153,9 +153,11 @@ class Sampler:
             self._cpu[process.pid] = (name, times.user + times.system)
 
     def _run(self) -> None:
+        import ray
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        state = get_state_from_address()
+        # this run's own cluster: another one on the machine would make the address ambiguous
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
         while not self._stop.wait(self.every):
             self._sample_cpu()
             try:
@@ -236,7 +238,8 @@ def ray_fit(config, tasks, init: Path, spec, name: str, uri: str, parent: str) -
         "fit_seconds": round(fit_seconds, 1),
         "epochs": epochs,
         "worker_peak_rss_mib": max(epoch["worker_peak_rss_mib"] for epoch in epochs),
-        "object_store_peak_mib": round(sampler.peak / 2**20, 1),
+        # null, not 0, when no sample came back
+        "object_store_peak_mib": round(sampler.peak / 2**20, 1) if sampler.samples else None,
         "object_store_samples": sampler.samples,
         "cpu_seconds_by_process": sampler.cpu_seconds(),
     }
