@@ -436,13 +436,18 @@ def test_a_mostly_broken_build_is_refused_unless_the_budget_allows_it(tmp_path: 
     assert (info["rows_read"], info["rows_skipped"]) == (7, 4)
 
 
-def test_mostly_broken_training_input_stops_its_decoding_actor(tmp_path: Path) -> None:
+def _mostly_broken_rows() -> list[dict[str, Any]]:
+    """Two training rows in three with a truncated picture, more than a decoder's first 256."""
     good, bad = _good_image(), _truncated(_save(_noise(), "PNG"))
-    rows = [
+    return [
         {"id": f"r{index}", "image": good if index % 3 == 0 else bad, "title": "t",
          "color": "red", "size": "small"}
         for index in range(BUDGET_MIN_ROWS + 64)
     ]  # fmt: skip
+
+
+def test_mostly_broken_training_input_stops_its_decoding_actor(tmp_path: Path) -> None:
+    rows = _mostly_broken_rows()
     folder = write_shards(tmp_path, rows)
 
     with pytest.raises(TooManySkippedError, match=r"test \(after 256 rows\): 170 of 256 rows "
@@ -603,34 +608,6 @@ def test_a_worker_preprocessing_its_own_batches_counts_the_corpus_like_the_actor
         assert name in SKIPPED and KINDS[name].reason in reason
 
 
-@pytest.mark.slow
-def test_a_training_run_reads_its_budget_from_the_config(tmp_path: Path, ray_cluster) -> None:
-    from cmaclip.training.run import _datasets
-
-    good, bad = _good_image(), _truncated(_save(_noise(), "PNG"))
-    rows = [
-        {"id": f"r{index}", "image": good if index % 3 == 0 else bad, "title": "t",
-         "color": "red", "size": "small"}
-        for index in range(BUDGET_MIN_ROWS + 64)
-    ]  # fmt: skip
-    folder = write_shards(tmp_path, rows, split="train")
-    write_shards(tmp_path, _good_rows(), split="val")
-    counts = {"train": len(rows), "val": GOOD_ROWS}
-    info = make_dataset_info(
-        name="corpus", classes=TASKS, rows=counts, rows_read=sum(counts.values()),
-        skipped=SkippedRows(), source={"kind": "test corpus"},
-    )  # fmt: skip
-    write_dataset_info(folder, info)
-
-    def train_rows(budget: str) -> int:
-        config = load_config(None, [f"data.path={folder}", f"data.max_skipped_fraction={budget}"])
-        return len(_datasets(config, SPEC)["train"].take_all())
-
-    with pytest.raises(Exception, match=r"data.max_skipped_fraction=0.5"):
-        train_rows("0.5")
-    assert train_rows("0.7") == len(rows)  # every row read, the broken ones marked not valid
-
-
 def _run_data(folder: Path, train_rows: list[dict[str, Any]]) -> Path:
     """Train, val and test shards, the last two all good, with one `dataset.json` over them."""
     splits = {"train": train_rows, "val": _good_rows(), "test": _good_rows()}
@@ -654,6 +631,22 @@ def _one_stage_run(folder: Path, root: Path, name: str, *extra: str):
          "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
          "data.preprocess_cpus=0.25", *extra],
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_training_run_reads_its_budget_from_the_config(tmp_path: Path, ray_cluster) -> None:
+    from cmaclip.training.run import _datasets
+
+    rows = _mostly_broken_rows()
+    folder = _run_data(tmp_path, rows)
+
+    def train_rows(budget: str) -> int:
+        config = load_config(None, [f"data.path={folder}", f"data.max_skipped_fraction={budget}"])
+        return len(_datasets(config, SPEC)["train"].take_all())
+
+    with pytest.raises(Exception, match=r"data.max_skipped_fraction=0.5"):
+        train_rows("0.5")
+    assert train_rows("0.7") == len(rows)  # every row read, the broken ones marked not valid
 
 
 @pytest.mark.slow
@@ -685,13 +678,7 @@ def test_a_training_split_too_small_for_the_decoders_budget_still_has_one(
 def test_a_decoding_actors_budget_error_reaches_the_user_whole(tmp_path: Path, ray_cluster) -> None:
     from cmaclip.training.run import train
 
-    good, bad = _good_image(), _truncated(_save(_noise(), "PNG"))
-    rows = [
-        {"id": f"r{index}", "image": good if index % 3 == 0 else bad, "title": "t",
-         "color": "red", "size": "small"}
-        for index in range(BUDGET_MIN_ROWS + 64)
-    ]  # fmt: skip
-    folder = _run_data(tmp_path / "data", rows)
+    folder = _run_data(tmp_path / "data", _mostly_broken_rows())
     config = _one_stage_run(folder, tmp_path, "actors-budget", "data.preprocess_in=actors")
 
     # raised in a Ray Data actor, passed on by the split coordinator as text, then by Ray Train
