@@ -50,7 +50,6 @@ from cmaclip.training.loop import (  # noqa: E402
     _lr_lambda,
     apply_speed_switches,
     make_optimizer,
-    peak_rss_mib,
     train_step,
 )
 from cmaclip.training.run import _datasets, _ensure_ray, select_tasks, stage_trainer  # noqa: E402
@@ -114,7 +113,7 @@ def plain_epoch(config, tasks, init: Path, threads: int) -> dict:
         "train_samples_per_s": round(rows / seconds, 2),
         "preprocess_seconds": round(waited, 2),
         "train_loss": round(sum(losses) / len(losses), 4),
-        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_rss_mib": round(tracking.peak_rss_mib(), 1),
     }
 
 

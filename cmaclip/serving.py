@@ -18,7 +18,6 @@ form for one model folder.
 import asyncio
 import logging
 import os
-import resource
 import socket
 import tempfile
 import time
@@ -51,6 +50,7 @@ from cmaclip.predict import (
     thresholds,
     weights_digest,
 )
+from cmaclip.tracking import peak_rss_mib
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class Encoder:
 
     def peak_memory_mib(self) -> float:
         """This replica's peak resident memory: weights, torch's buffers and request queues."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        return peak_rss_mib()
 
 
 @serve.deployment(

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
 from cmaclip.config import project_home
 
 logger = logging.getLogger(__name__)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory, as the epoch metrics and the benchmarks record it.
+
+    `ru_maxrss` is in KiB on Linux and in bytes on macOS.
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def tracking_uri(configured: str | None = None) -> str:

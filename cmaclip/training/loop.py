@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
-import sys
 import tempfile
 import threading
 import time
@@ -40,7 +38,7 @@ from cmaclip.data.shards import check_skipped_budget
 from cmaclip.export import input_spec, load_weights, write_model_files
 from cmaclip.metrics import macro_accuracy_from_confusion
 from cmaclip.model.cmaclip import CMACLIP
-from cmaclip.tracking import log_metrics
+from cmaclip.tracking import log_metrics, peak_rss_mib
 from cmaclip.training.cache import CACHE_COLUMNS, CachedSplit, cached_inputs, read_manifest
 from cmaclip.training.losses import multitask_loss
 
@@ -234,9 +232,10 @@ class _StartedEpoch:
     """The training batches of one epoch, asked for ahead of time in a thread.
 
     Every pass over a Ray Dataset starts its pipeline anew (listing the files, reading their
-    footers, the first blocks): seconds in which the worker would sit idle. The loop starts the
-    next epoch's pass while it validates, so that its first batch is waiting when training
-    resumes. An error in the thread is raised where the batches are read.
+    footers, the first blocks): seconds in which the worker would sit idle. Where the workers
+    decode their own batches, the loop starts the next epoch's pass while it validates, so that
+    its first batch is waiting when training resumes. An error in the thread is raised where
+    the batches are read.
     """
 
     def __init__(self, make_batches):
@@ -284,12 +283,6 @@ class _Stopwatch:
 
 
 _END = object()
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def train_step(
