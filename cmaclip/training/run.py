@@ -107,8 +107,11 @@ def _ensure_ray(config: Config) -> None:
 
 
 def _datasets(config: Config, spec: InputSpec) -> dict[str, Any]:
-    """The train and val datasets the stages stream: preprocessed rows, or shard rows as read
-    when each worker preprocesses its own batches (`data.preprocess_in: worker`)."""
+    """The train and val datasets the stages stream.
+
+    Preprocessed rows, or the shard rows as read where each worker decodes its own batches
+    (`data.preprocess_in: worker`).
+    """
     import ray.data
 
     # the stage loop logs its own progress lines; Ray Data's bars would interleave with them
